@@ -1,0 +1,172 @@
+"""``sorsa_linear``: the one fused adapter linear behind SORSA, PiSSA, LoRA and SoRA.
+
+The op is two ``torch.library`` custom ops (forward and backward, each dispatching to the
+resolved backend) joined by an autograd Function, so that eager mode runs the backend's
+kernels directly and ``torch.compile(fullgraph=True)`` sees two opaque nodes and no graph break.
+"""
+
+from typing import Optional
+
+import torch
+
+from sorsa_kernels.backends import implementation, resolve
+from sorsa_kernels.ops._validate import check_dim, check_number, check_same_device, check_tensor
+from sorsa_kernels.reference.linear import accumulation_dtype
+
+Tensor = torch.Tensor
+
+
+@torch.library.custom_op("sorsa_kernels::linear_forward", mutates_args=())
+def linear_forward(
+    x: Tensor,
+    weight: Optional[Tensor],
+    U: Tensor,
+    S: Optional[Tensor],
+    Vt: Tensor,
+    bias: Optional[Tensor],
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``(y, z)`` of the backend interface documented in :mod:`sorsa_kernels.reference.linear`."""
+    return implementation("sorsa_linear", backend).forward(x, weight, U, S, Vt, bias, scale)
+
+
+@linear_forward.register_fake
+def _linear_forward_fake(x, weight, U, S, Vt, bias, scale, backend):
+    rows = x.shape[0]
+    return x.new_empty((rows, U.shape[0])), x.new_empty((rows, U.shape[1]), dtype=accumulation_dtype(x.dtype))
+
+
+@torch.library.custom_op("sorsa_kernels::linear_backward", mutates_args=())
+def linear_backward(
+    dy: Tensor,
+    x: Tensor,
+    z: Tensor,
+    weight: Optional[Tensor],
+    U: Tensor,
+    S: Optional[Tensor],
+    Vt: Tensor,
+    scale: float,
+    needs: list[bool],
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(dx, dU, dS, dVt)``; a gradient not in ``needs`` comes back as an empty tensor."""
+    grads = implementation("sorsa_linear", backend).backward(dy, x, z, weight, U, S, Vt, scale, tuple(needs))
+    return tuple(g if g is not None else dy.new_empty(0) for g in grads)
+
+
+@linear_backward.register_fake
+def _linear_backward_fake(dy, x, z, weight, U, S, Vt, scale, needs, backend):
+    like = (x, U, S, Vt)
+    return tuple(
+        torch.empty_like(t) if need and t is not None else dy.new_empty(0) for need, t in zip(needs, like)
+    )
+
+
+class SORSALinearFunction(torch.autograd.Function):
+    """Autograd for ``sorsa_linear``: saves only x and the ``[M, r]`` intermediate ``x Vtᵀ``
+    (the other saved tensors are the parameters themselves)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, U, S, Vt, bias, scale, backend):
+        y, z = torch.ops.sorsa_kernels.linear_forward(x, weight, U, S, Vt, bias, scale, backend)
+        ctx.save_for_backward(x, z, weight, U, S, Vt)
+        ctx.scale = scale
+        ctx.backend = backend
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, z, weight, U, S, Vt = ctx.saved_tensors
+        need_x, need_weight, need_U, need_S, need_Vt, need_bias = ctx.needs_input_grad[:6]
+        needs = [need_x, need_U, need_S, need_Vt]
+        grads = torch.ops.sorsa_kernels.linear_backward(dy, x, z, weight, U, S, Vt, ctx.scale, needs, ctx.backend)
+        dx, dU, dS, dVt = (g if need else None for g, need in zip(grads, needs))
+        dweight = (dy.T @ x).to(weight.dtype) if need_weight else None
+        dbias = dy.sum(0, dtype=accumulation_dtype(dy.dtype)).to(ctx.bias_dtype) if need_bias else None
+        return dx, dweight, dU, dS, dVt, dbias, None, None
+
+
+def _check_inputs(x, weight, U, S, Vt, bias, scale):
+    check_tensor("x", x, dims=None)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension [..., in_features]")
+    check_tensor("weight", weight, dims=2, optional=True)
+    check_tensor("U", U, dims=2)
+    check_tensor("S", S, dims=1, optional=True)
+    check_tensor("Vt", Vt, dims=2)
+    check_tensor("bias", bias, dims=1, optional=True)
+    check_number("scale", scale)
+    check_same_device("x", x, weight=weight, U=U, S=S, Vt=Vt, bias=bias)
+    in_features = x.shape[-1]
+    out_features, rank = U.shape
+    check_dim("Vt.shape[1]", Vt.shape[1], "x.shape[-1]", in_features)
+    check_dim("Vt.shape[0]", Vt.shape[0], "U.shape[1]", rank)
+    if S is not None:
+        check_dim("S.shape[0]", S.shape[0], "U.shape[1]", rank)
+    if weight is not None:
+        check_dim("weight.shape[1]", weight.shape[1], "x.shape[-1]", in_features)
+        check_dim("weight.shape[0]", weight.shape[0], "U.shape[0]", out_features)
+    if bias is not None:
+        check_dim("bias.shape[0]", bias.shape[0], "U.shape[0]", out_features)
+    if rank < 1:
+        raise ValueError("U and Vt must have rank >= 1 (a layer pruned to rank 0 is a plain linear)")
+    if rank > min(in_features, out_features):
+        raise ValueError(
+            f"rank {rank} (U.shape[1]) exceeds min(in_features, out_features) = {min(in_features, out_features)}"
+        )
+    for name, adapter in (("S", S), ("Vt", Vt)):
+        if adapter is not None and adapter.dtype != U.dtype:
+            raise TypeError(f"{name} has dtype {adapter.dtype} but U has {U.dtype}; the adapters share one dtype")
+
+
+def sorsa_linear(
+    x: Tensor,
+    weight: Optional[Tensor],
+    U: Tensor,
+    S: Optional[Tensor],
+    Vt: Tensor,
+    bias: Optional[Tensor] = None,
+    scale: float = 1.0,
+    backend: str = "auto",
+) -> Tensor:
+    """Fused adapter linear ``y = x @ weight.T + scale * ((x @ Vt.T) * S) @ U.T + bias``.
+
+    One op serves the four adapters: for SORSA ``S`` holds the trainable singular values, for
+    SoRA the gate, and for LoRA/PiSSA it is ``None`` (then ``U`` is LoRA's B and ``Vt`` its A).
+
+    Args:
+        x: input ``[..., in]`` in float16, bfloat16, float32 or float64 (any strides).
+        weight: frozen residual ``[out, in]`` in x's dtype, or ``None`` for the adapter path alone.
+        U: ``[out, r]``; S: ``[r]`` or ``None``; Vt: ``[r, in]``. The adapters share one dtype,
+            which may be wider than x's (float32 adapters under a bfloat16 model, as the
+            reference SORSA setup trains them).
+        bias: ``[out]`` or ``None``.
+        scale: the adapter's scale (``alpha / r`` by convention).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see :mod:`sorsa_kernels.backends`).
+
+    Returns:
+        ``[..., out]`` in x's dtype. Products accumulate in float32. Under autocast, x and weight
+        are cast to the autocast dtype first, as ``F.linear`` would; the adapters keep theirs.
+        Gradients flow to x, U, S and Vt, and to weight and bias only when they require grad;
+        the backward saves only x and the ``[M, r]`` product ``x Vtᵀ``.
+
+    Raises:
+        TypeError / ValueError naming the argument for wrong types, dtypes, shapes, devices or a
+        rank above ``min(in, out)``; :class:`~sorsa_kernels.backends.BackendUnavailableError` when
+        the requested backend cannot run on x's device.
+    """
+    _check_inputs(x, weight, U, S, Vt, bias, scale)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x = x.to(dtype)
+        weight = None if weight is None else weight.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return sorsa_linear(x, weight, U, S, Vt, bias, scale, backend)
+    if weight is not None and weight.dtype != x.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}; they must match (or run under autocast)")
+    name = resolve("sorsa_linear", backend, x.device)
+    y = SORSALinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, U, S, Vt, bias, float(scale), name)
+    return y.reshape(*x.shape[:-1], U.shape[0])
