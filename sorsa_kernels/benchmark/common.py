@@ -1,0 +1,83 @@
+"""Timing, memory and result-file helpers shared by the benchmark suites."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def environment() -> dict:
+    """Where and with what a result was measured."""
+    versions = {}
+    for package in ("torch", "triton", "transformers", "peft"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "cuda": torch.version.cuda if cuda else None,
+        "versions": versions,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def median_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median time of ``fn`` in milliseconds: CUDA events via ``triton.testing.do_bench`` on a
+    GPU, the wall clock on a CPU."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-6)
+    times = []
+    for _ in range(max(3, min(50, int(rep_ms / 1000 / once)))):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> float | None:
+    """Peak CUDA memory allocated while ``fn`` runs, above what was allocated before (None on CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def write_results(suite: str, rows: list[dict], directory: str | Path = "bench/results", **meta) -> Path:
+    """Store one suite's rows with the environment as ``<directory>/<suite>-<device>-<date>.json``."""
+    env = environment()
+    slug = "".join(c if c.isalnum() else "-" for c in env["device"].lower()).strip("-")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{suite}-{slug}-{env['date'][:10]}.json"
+    path.write_text(json.dumps({"suite": suite, "environment": env, **meta, "rows": rows}, indent=1) + "\n")
+    return path
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain text table of ``columns`` (floats to 3 significant digits)."""
+    cells = [[f"{row.get(c):.3g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
