@@ -229,9 +229,11 @@ class SORSALinear(nn.Module):
     def prune_(self, optimizer: torch.optim.Optimizer | None = None) -> int:
         """Drop the ranks whose gate (S) is exactly zero; returns the new rank.
 
-        The parameters keep their identity (their data shrinks), so an optimizer still holds
-        them; pass it to slice its per-parameter state (e.g. Adam's moments) alike. A layer
-        whose every gate is zero keeps one rank, whose contribution stays zero.
+        U, S and Vt are replaced by smaller parameters (autograd ties a leaf to its shape, so
+        they cannot shrink in place). Pass the optimizer to have its parameter groups and
+        per-parameter state (e.g. Adam's moments) follow; other references to the old
+        parameters (such as a list from :func:`sorsa_parameters`) must be fetched again.
+        A layer whose every gate is zero keeps one rank, whose contribution stays zero.
         """
         if self.S is None:
             raise ValueError(f"prune_ needs a gate: mode {self.mode!r} has no S")
@@ -242,16 +244,14 @@ class SORSALinear(nn.Module):
             keep = keep.new_zeros(1)
         if keep.numel() == self.rank:
             return self.rank
-        for param, dim in ((self.U, 1), (self.S, 0), (self.Vt, 0)):
-            old_shape = param.shape
-            param.data = param.data.index_select(dim, keep)
-            if param.grad is not None:
-                param.grad = param.grad.index_select(dim, keep)
+        for name, dim in (("U", 1), ("S", 0), ("Vt", 0)):
+            old = getattr(self, name)
+            new = nn.Parameter(old.index_select(dim, keep), requires_grad=old.requires_grad)
+            if old.grad is not None:
+                new.grad = old.grad.index_select(dim, keep)
+            setattr(self, name, new)
             if optimizer is not None:
-                state = optimizer.state.get(param, {})
-                for key, value in state.items():
-                    if isinstance(value, torch.Tensor) and value.shape == old_shape:
-                        state[key] = value.index_select(dim, keep)
+                _replace_in_optimizer(optimizer, old, new, lambda t: t.index_select(dim, keep))
         return self.rank
 
     def extra_repr(self) -> str:
@@ -259,3 +259,16 @@ class SORSALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"mode={self.mode}, scale={self.scale:g}, bias={self.bias is not None}, merged={self.merged}"
         )
+
+
+def _replace_in_optimizer(optimizer, old, new, slice_like_param):
+    """Make ``optimizer`` hold ``new`` where it held ``old``, slicing the state tensors shaped
+    like ``old`` (moments) and keeping the others (step counters) as they are."""
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if state is not None:
+        optimizer.state[new] = {
+            key: slice_like_param(value) if isinstance(value, torch.Tensor) and value.shape == old.shape else value
+            for key, value in state.items()
+        }

@@ -1,0 +1,186 @@
+"""The adapter linear, side by side with the frozen GEMM and with its peers.
+
+For each shape (M tokens, in→out, rank r), in one run: the bare frozen GEMM (``F.linear``
+forward + dx backward), our ``sorsa_linear``, PEFT's LoRA layer, the naive three-matmul SORSA
+and the reference SORSA layer (which rebuilds the dense ``(B*S)@A`` every call). As in a
+``Trainer(bf16=True)`` run, activations and frozen weights are bfloat16, adapters float32, and
+every peer runs under bfloat16 autocast (the small CPU configuration runs everything in
+float32, without autocast). Ratios are to the dense time measured in the same run;
+the floor is the adapter's extra FLOPs over the base GEMM's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sorsa_kernels.benchmark.common import format_table, median_ms, peak_memory_mb, write_results
+from sorsa_kernels.ops.linear import sorsa_linear
+
+GPU_TOKENS = (4096, 16384)
+GPU_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (4096, 1024))
+GPU_RANKS = (16, 64, 128)
+DECODE_TOKENS = (1, 8, 64)
+CPU_CONFIGS = ((256, 256, 384, 16), (256, 384, 256, 64))
+
+
+def training_floor(in_features: int, out_features: int, rank: int) -> float:
+    """Forward+backward FLOPs with the adapter over those of the frozen GEMM (fwd + dx)."""
+    return 1 + 1.5 * rank * (in_features + out_features) / (in_features * out_features)
+
+
+def inference_floor(in_features: int, out_features: int, rank: int) -> float:
+    """Forward FLOPs with the adapter over those of the frozen GEMM."""
+    return 1 + rank * (in_features + out_features) / (in_features * out_features)
+
+
+class ReferenceSORSALinear(nn.Module):
+    """The public reference SORSA layer's forward: it rebuilds the dense update every call."""
+
+    def __init__(self, weight, U, S, Vt, scale):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.sorsa_B, self.sorsa_S, self.sorsa_A = (nn.Parameter(t) for t in (U, S, Vt))
+        self.scale = scale
+
+    def forward(self, x):
+        return F.linear(x, self.weight) + F.linear(x, (self.sorsa_B * self.sorsa_S) @ self.sorsa_A) * self.scale
+
+
+def _peft_lora_layer(weight: torch.Tensor, rank: int, alpha: float) -> nn.Module | None:
+    if importlib.util.find_spec("peft") is None:
+        return None
+    from peft import LoraConfig, get_peft_model
+
+    out_features, in_features = weight.shape
+    base = nn.Sequential(nn.Linear(in_features, out_features, bias=False, device=weight.device, dtype=weight.dtype))
+    with torch.no_grad():
+        base[0].weight.copy_(weight)
+    model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0"], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02)  # a trained adapter, not PEFT's zero init
+    return model
+
+
+def _fwd_bwd(fn: Callable[[], torch.Tensor], dy: torch.Tensor, leaves) -> Callable[[], None]:
+    """One training step's worth of the layer; gradients are dropped after each step, as
+    ``zero_grad(set_to_none=True)`` does, so every step allocates them afresh."""
+
+    def step():
+        fn().backward(dy)
+        for leaf in leaves:
+            leaf.grad = None
+
+    return step
+
+
+def _activation_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _inputs(tokens, in_features, out_features, rank, device):
+    dtype = _activation_dtype(device)
+    x = torch.randn(tokens, in_features, device=device, dtype=dtype, requires_grad=True)
+    weight = torch.randn(out_features, in_features, device=device, dtype=dtype) / in_features**0.5
+    U = (torch.randn(out_features, rank, device=device) / out_features**0.5).requires_grad_()
+    S = (torch.rand(rank, device=device) + 0.5).requires_grad_()
+    Vt = (torch.randn(rank, in_features, device=device) / in_features**0.5).requires_grad_()
+    dy = torch.randn(tokens, out_features, device=device, dtype=dtype)
+    return x, weight, U, S, Vt, dy
+
+
+def measure_training(tokens, in_features, out_features, rank, device) -> dict:
+    """Forward+backward times (ms), ratios to dense, and peak memory of ours vs dense."""
+    x, weight, U, S, Vt, dy = _inputs(tokens, in_features, out_features, rank, device)
+    scale = 2.0
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    reference = ReferenceSORSALinear(weight, U.detach().clone(), S.detach().clone(), Vt.detach().clone(), scale)
+    peft_layer = _peft_lora_layer(weight, rank, alpha=scale * rank)
+    candidates = {
+        "dense": lambda: F.linear(x, weight),
+        "ours": lambda: sorsa_linear(x, weight, U, S, Vt, None, scale),
+        "naive": lambda: F.linear(x, weight) + ((x @ Vt.T) * S) @ U.T * scale,
+        "reference": lambda: reference(x),
+    }
+    if peft_layer is not None:
+        candidates["peft_lora"] = lambda: peft_layer(x)
+    row = dict(mode="train", tokens=tokens, in_features=in_features, out_features=out_features, rank=rank)
+    leaves = [x, U, S, Vt, *reference.parameters(), *(peft_layer.parameters() if peft_layer is not None else ())]
+    with autocast:
+        steps = {name: _fwd_bwd(fn, dy, leaves) for name, fn in candidates.items()}
+        for name, step in steps.items():
+            row[f"{name}_ms"] = median_ms(step)
+        row["dense_peak_mb"] = peak_memory_mb(steps["dense"])
+        row["ours_peak_mb"] = peak_memory_mb(steps["ours"])
+    for name in candidates:
+        row[f"{name}_ratio"] = row[f"{name}_ms"] / row["dense_ms"]
+    row["floor"] = training_floor(in_features, out_features, rank)
+    row["ours_over_floor"] = row["ours_ratio"] / row["floor"]
+    if row["dense_peak_mb"] is not None:
+        row["extra_peak_mb"] = row["ours_peak_mb"] - row["dense_peak_mb"]
+        row["extra_peak_budget_mb"] = 4 * tokens * rank * x.element_size() / 2**20
+        row["adapter_grads_mb"] = sum(t.numel() * t.element_size() for t in (U, S, Vt)) / 2**20
+    return row
+
+
+@torch.no_grad()
+def measure_inference(tokens, in_features, out_features, rank, device) -> dict:
+    """Forward-only (unmerged inference) time of ours vs the dense product."""
+    x, weight, U, S, Vt, _ = _inputs(tokens, in_features, out_features, rank, device)
+    dense = median_ms(lambda: F.linear(x, weight))
+    ours = median_ms(lambda: sorsa_linear(x, weight, U, S, Vt, None, 2.0))
+    return dict(
+        mode="infer",
+        tokens=tokens,
+        in_features=in_features,
+        out_features=out_features,
+        rank=rank,
+        dense_ms=dense,
+        ours_ms=ours,
+        ours_ratio=ours / dense,
+        floor=inference_floor(in_features, out_features, rank),
+    )
+
+
+def run(quick: bool) -> dict[str, list[dict]]:
+    """All measurements: the full H100 grid, or (``quick``) a small CPU configuration."""
+    device = torch.device("cpu" if quick else "cuda")
+    if quick:
+        training = [measure_training(m, i, o, r, device) for m, i, o, r in CPU_CONFIGS]
+        inference = [measure_inference(m, i, o, r, device) for m, i, o, r in CPU_CONFIGS]
+        return {"training": training, "inference": inference}
+    training, inference = [], []
+    for tokens in GPU_TOKENS:
+        for in_features, out_features in GPU_SHAPES:
+            for rank in GPU_RANKS:
+                training.append(measure_training(tokens, in_features, out_features, rank, device))
+                inference.append(measure_inference(tokens, in_features, out_features, rank, device))
+                torch.cuda.empty_cache()
+    for tokens in DECODE_TOKENS:
+        for in_features, out_features in GPU_SHAPES:
+            inference.append(measure_inference(tokens, in_features, out_features, 128, device))
+    return {"training": training, "inference": inference}
+
+
+TRAINING_COLUMNS = ["tokens", "in_features", "out_features", "rank", "dense_ms", "ours_ratio", "floor",
+                    "peft_lora_ratio", "naive_ratio", "reference_ratio"]
+INFERENCE_COLUMNS = ["tokens", "in_features", "out_features", "rank", "dense_ms", "ours_ratio", "floor"]
+
+
+def main(quick: bool, out_dir: str = "bench/results") -> None:
+    results = run(quick)
+    print(format_table(results["training"], TRAINING_COLUMNS))
+    print(format_table(results["inference"], INFERENCE_COLUMNS))
+    path = write_results("linear", results["training"] + results["inference"], out_dir, quick=quick)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(quick=not torch.cuda.is_available())
