@@ -1,9 +1,11 @@
 """``transformers.Trainer`` integration: the SORSA regularizer as a ``TrainerCallback``.
 
-Why a callback suffices: ``Trainer._inner_training_loop`` (transformers 5.17, ``trainer.py``)
-runs, for the last micro-batch of every optimizer step only (``do_sync_step``)::
+Why a callback suffices: ``Trainer._inner_training_loop`` (transformers 5.17.0,
+``transformers/trainer.py`` lines 1861-1868) runs, for the last micro-batch of every optimizer
+step only (``do_sync_step``)::
 
-    grad_norm = self._clip_grad_norm(model)            # when max_grad_norm > 0
+    if self.args.max_grad_norm > 0:
+        grad_norm = self._clip_grad_norm(model)
     grad_norm = self._get_grad_norm(model, grad_norm)
     self.control = self.callback_handler.on_pre_optimizer_step(self.args, self.state, self.control)
     self.optimizer.step()
@@ -13,7 +15,8 @@ whatever ``gradient_accumulation_steps`` is: exactly where the reference SORSA t
 regularizer. (``TrainerCallback.on_pre_optimizer_step`` documents the same contract: "before the
 optimizer step but after gradient clipping".) The gradients are unscaled there under fp16: both
 ``_clip_grad_norm`` and ``_get_grad_norm`` go through ``accelerator.clip_grad_norm_``, which
-unscales them first. DeepSpeed steps its own optimizer inside ``backward`` and is not supported.
+unscales them first. DeepSpeed keeps the gradients in its own partitioned buffers and steps inside
+its engine, so the callback refuses to run under it.
 """
 
 from __future__ import annotations
@@ -59,6 +62,12 @@ class OrthoRegCallback(TrainerCallback):
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         self.form, self.backend = form, backend
         self.last_value = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if getattr(args, "deepspeed", None):
+            raise RuntimeError(
+                "OrthoRegCallback does not support DeepSpeed (its gradients live in the engine's buffers)"
+            )
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         peak_lr = args.learning_rate if self.peak_lr is None else self.peak_lr
