@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from sorsa_kernels import SORSALinear, apply_sorsa, sorsa_layers, sorsa_parameters
-from support import LLAMA_TARGETS, assert_close, random_tokens, tiny_llama
+from support import DEVICE, LLAMA_TARGETS, TOLERANCE, assert_close, gpu, random_tokens, rel_error, tiny_llama
 
 peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
@@ -212,3 +212,40 @@ def test_custom_module_route(fused_calls):
     tokens = random_tokens(2, 5)
     assert_close(logits(custom, tokens), logits(reference, tokens), FP32_TOLERANCE, "custom-module logits")
     assert len(fused_calls) == 14
+
+
+def test_float32_adapters_on_a_bfloat16_model(fused_calls):
+    """PEFT keeps float32 adapters under a bfloat16 base (autocast_adapter_dtype); the fused op
+    takes them as they are, accumulating in float32."""
+    base = tiny_llama().to(torch.bfloat16)
+    reference = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS))
+    perturb_([p for name, p in reference.named_parameters() if "lora_B" in name], size=0.05)
+    assert reference.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float32
+    accelerated = accelerate_peft(copy.deepcopy(reference))
+    tokens = random_tokens(2, 8)
+    expected = logits(reference, tokens)
+    actual = logits(accelerated, tokens)
+    assert actual.dtype == torch.bfloat16 and len(fused_calls) == 14
+    assert_close(actual, expected, TOLERANCE[torch.bfloat16], "bfloat16 logits")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_accelerated_is_as_accurate_as_peft_on_gpu(dtype, fused_calls):
+    """Against the same PEFT model in float64, the accelerated model's logits, loss and
+    gradients are within the dtype's tolerance or no worse than twice PEFT's own error."""
+    base = tiny_llama(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=4)
+    config = peft.LoraConfig(r=16, lora_alpha=32, target_modules=LLAMA_TARGETS, init_lora_weights="pissa")
+    reference = peft.get_peft_model(base.to(DEVICE, dtype), config)
+    oracle = copy.deepcopy(reference).to(torch.float64)
+    accelerated = accelerate_peft(copy.deepcopy(reference))
+    tokens = random_tokens(4, 33).to(DEVICE)
+    results = {}
+    for name, model in (("peft", reference), ("ours", accelerated), ("oracle", oracle)):
+        model.train()  # dropout is 0: train mode only enables the gradients' path
+        loss, grads = loss_and_grads(model, tokens)
+        results[name] = {"logits": logits(model, tokens), "loss": loss, **grads}
+    assert len(fused_calls) == 28
+    for key, exact in results["oracle"].items():
+        ours, theirs = rel_error(results["ours"][key], exact), rel_error(results["peft"][key], exact)
+        assert ours <= max(TOLERANCE[dtype], 2 * theirs), f"{key}: {ours:.2e} vs PEFT's {theirs:.2e}"
