@@ -13,10 +13,11 @@ step only (``do_sync_step``)::
 so ``on_pre_optimizer_step`` runs after clipping and before the step, once per optimizer step
 whatever ``gradient_accumulation_steps`` is: exactly where the reference SORSA trainer adds its
 regularizer. (``TrainerCallback.on_pre_optimizer_step`` documents the same contract: "before the
-optimizer step but after gradient clipping".) The gradients are unscaled there under fp16: both
-``_clip_grad_norm`` and ``_get_grad_norm`` go through ``accelerator.clip_grad_norm_``, which
-unscales them first. DeepSpeed keeps the gradients in its own partitioned buffers and steps inside
-its engine, so the callback refuses to run under it.
+optimizer step but after gradient clipping"; transformers 4.45 and 4.46 call it at the same
+point.) The gradients are unscaled there under fp16: both ``_clip_grad_norm`` and
+``_get_grad_norm`` go through ``accelerator.clip_grad_norm_``, which unscales them first.
+DeepSpeed keeps the gradients in its own partitioned buffers and steps inside its engine, so the
+callback refuses to run under it.
 """
 
 from __future__ import annotations
