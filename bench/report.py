@@ -1,0 +1,137 @@
+"""Turn the raw results under bench/results/ into README.md's tables and plots.
+
+    python bench/report.py            # rewrites README.md between its <!-- bench:NAME --> markers
+
+Each table comes from the newest GPU result file of its suite and names the file, the device,
+the versions and the date it was measured on. Nothing here measures anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+README = BENCH.parent / "README.md"
+
+
+def newest(suite: str) -> tuple[Path, dict] | None:
+    """The most recent result file of ``suite`` measured on a GPU."""
+    found = []
+    for path in RESULTS.glob(f"{suite}-*.json"):
+        data = json.loads(path.read_text())
+        if data.get("suite") == suite and not data["environment"]["device"].startswith("cpu"):
+            found.append((data["environment"]["date"], path, data))
+    if not found:
+        return None
+    _, path, data = max(found, key=lambda item: item[0])
+    return path, data
+
+
+def provenance(path: Path, data: dict) -> str:
+    env = data["environment"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    return f"*{env['device']}, {versions}, CUDA {env['cuda']}, {env['date'][:10]}; raw: `bench/results/{path.name}`*"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def shape(row: dict) -> str:
+    return f"{row['in_features']}→{row['out_features']}"
+
+
+def render_linear_training(path: Path, data: dict) -> str:
+    rows = [r for r in data["rows"] if r.get("mode") == "train"]
+    body = []
+    for r in rows:
+        target = 1.05 * r["floor"]
+        verdict = "✓" if r["ours_ratio"] <= target else "✗"
+        extra = "–" if r.get("extra_peak_mb") is None else f"{r['extra_peak_mb']:.0f} / {r['extra_peak_budget_mb']:.0f}"
+        body.append([
+            str(r["tokens"]), shape(r), str(r["rank"]), f"{r['dense_ms']:.3f}",
+            f"{r['ours_ms']:.3f} ({ratio(r['ours_ratio'])})", f"{target:.3f}× {verdict}",
+            ratio(r.get("peft_lora_ratio")), ratio(r.get("naive_ratio")), ratio(r.get("reference_ratio")), extra,
+        ])
+    header = ["M", "in→out", "r", "dense ms", "ours ms (ratio)", "target 1.05·floor", "PEFT LoRA", "naive",
+              "reference SORSA", "extra peak MB / budget"]
+    return provenance(path, data) + "\n\n" + markdown_table(header, body)
+
+
+def render_linear_inference(path: Path, data: dict) -> str:
+    rows = [r for r in data["rows"] if r.get("mode") == "infer"]
+    body = []
+    for r in rows:
+        decode = r["tokens"] <= 64
+        target = 1.2 if decode else 1.05 * r["floor"]
+        verdict = "✓" if r["ours_ratio"] <= target else "✗"
+        body.append([str(r["tokens"]), shape(r), str(r["rank"]), f"{r['dense_ms'] * 1000:.1f}",
+                     f"{r['ours_ms'] * 1000:.1f}", ratio(r["ours_ratio"]), f"{target:.3f}× {verdict}"])
+    header = ["M", "in→out", "r", "dense µs", "ours µs", "ratio", "target"]
+    return provenance(path, data) + "\n\n" + markdown_table(header, body)
+
+
+def plot_linear(path: Path, data: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["rows"] if r.get("mode") == "train" and r["tokens"] == 4096]
+    peers = [("ours", "sorsa-kernels"), ("peft_lora", "PEFT LoRA"), ("naive", "naive SORSA"),
+             ("reference", "reference SORSA")]
+    fig, ax = plt.subplots(figsize=(12, 4))
+    width = 0.8 / len(peers)
+    for i, (key, label) in enumerate(peers):
+        values = [r.get(f"{key}_ratio") or 0 for r in rows]
+        ax.bar([x + i * width for x in range(len(rows))], values, width, label=label)
+    ax.scatter([x + 0.4 - width / 2 for x in range(len(rows))], [r["floor"] for r in rows], marker="_", s=400,
+               color="black", label="FLOP floor", zorder=3)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(rows))],
+                  [f"{shape(r)}\nr={r['rank']}" for r in rows], fontsize=7)
+    ax.axhline(1.0, color="grey", linewidth=0.5)
+    ax.set_ylabel("fwd+bwd time / frozen GEMM")
+    ax.set_title(f"Adapter linear, M=4096 tokens, bf16, {data['environment']['device']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    image = BENCH / "linear.png"
+    fig.savefig(image, dpi=110)
+    return f"![adapter linear vs peers](bench/{image.name})"
+
+
+SECTIONS = {
+    "linear-train": ("linear", [render_linear_training]),
+    "linear-plot": ("linear", [plot_linear]),
+    "linear-infer": ("linear", [render_linear_inference]),
+}
+
+
+def update_readme(readme: Path) -> list[str]:
+    text = readme.read_text()
+    updated = []
+    for name, (suite, renderers) in SECTIONS.items():
+        pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(\n<!-- /bench:{name} -->)", re.S)
+        if not pattern.search(text):
+            continue
+        found = newest(suite)
+        block = "*not measured yet*" if found is None else "\n\n".join(render(*found) for render in renderers)
+        text = pattern.sub(lambda m: m.group(1) + block + m.group(2), text)
+        updated.append(name)
+    readme.write_text(text)
+    return updated
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", type=Path, default=README)
+    print("updated:", ", ".join(update_readme(parser.parse_args().readme)) or "nothing")
