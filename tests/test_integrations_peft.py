@@ -16,7 +16,12 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from sorsa_kernels.integrations import peft as integration  # noqa: E402
-from sorsa_kernels.integrations.peft import SORSAPeftLinear, accelerate_peft, export_peft_lora, restore_peft  # noqa: E402
+from sorsa_kernels.integrations.peft import (  # noqa: E402
+    SORSAPeftLinear,
+    accelerate_peft,
+    export_peft_lora,
+    restore_peft,
+)
 
 # fp32 everywhere: the two sides differ only in rounding order.
 FP32_TOLERANCE = 2e-5
@@ -49,7 +54,9 @@ def load_exported(original, path):
 # ---- export_peft_lora -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode, alpha", [("sorsa", None), ("sorsa", 8.0), ("pissa", 16.0), ("lora", 8.0), ("sora", None)])
+@pytest.mark.parametrize(
+    "mode, alpha", [("sorsa", None), ("sorsa", 8.0), ("pissa", 16.0), ("lora", 8.0), ("sora", None)]
+)
 def test_export_round_trip(mode, alpha, tmp_path):
     original = tiny_llama(attention_bias=True)
     model = apply_sorsa(copy.deepcopy(original), LLAMA_TARGETS, rank=4, alpha=alpha, mode=mode, keep_initial=True)
@@ -187,7 +194,8 @@ def test_restore_and_runtime_fallbacks(fused_calls):
     assert not fused_calls, "disabled or merged adapters must take PEFT's path"
 
     restore_peft(accelerated)
-    assert all(type(m) is peft.tuners.lora.Linear for m in accelerated.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+    lora_layers = [m for m in accelerated.modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert len(lora_layers) == 14 and all(type(m) is peft.tuners.lora.Linear for m in lora_layers)
     assert not any(hasattr(m, "sorsa_backend") for m in accelerated.modules())
     assert_close(logits(accelerated, tokens), expected, FP32_TOLERANCE, "restored")
     assert not fused_calls
@@ -200,6 +208,8 @@ def test_unsupported_layers_are_left_with_a_warning():
     assert not any(isinstance(m, SORSAPeftLinear) for m in model.modules())
     with pytest.raises(ValueError, match="no PEFT LoRA layer"):
         accelerate_peft(tiny_llama())
+    with pytest.raises(ValueError, match="unknown backend 'fastest'"):
+        accelerate_peft(peft_llama(), backend="fastest")
 
 
 def test_custom_module_route(fused_calls):

@@ -1,12 +1,15 @@
 """The SORSA regularizer in a training step: ``apply_ortho_grad_`` and the Trainer callback."""
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from sorsa_kernels import SORSALinear, apply_ortho_grad_, apply_sorsa, sorsa_layers, sorsa_parameters
+from sorsa_kernels import apply_ortho_grad_, apply_sorsa, sorsa_layers, sorsa_parameters
 from support import LLAMA_TARGETS, assert_close, random_tokens, tiny_llama
 
 
@@ -215,3 +218,14 @@ def test_callback_checks_arguments():
         OrthoRegCallback(1e-4, form="cubic")
     with pytest.raises(ValueError, match="gamma"):
         OrthoRegCallback(-1e-4)
+
+
+def test_package_import_needs_neither_transformers_nor_peft():
+    code = (
+        "import sys, sorsa_kernels; "
+        "assert not {'transformers', 'peft'} & set(sys.modules), sorted({'transformers', 'peft'} & set(sys.modules)); "
+        "assert callable(sorsa_kernels.apply_ortho_grad_)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -40,6 +40,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
 
+from sorsa_kernels.backends import _requested
 from sorsa_kernels.nn.model import sorsa_layers
 from sorsa_kernels.ops.linear import sorsa_linear
 from sorsa_kernels.reference.linear import accumulation_dtype
@@ -228,8 +229,9 @@ def accelerate_peft(model: nn.Module, backend: str = "auto") -> nn.Module:
         ``model``.
 
     Raises:
-        ValueError: when ``model`` holds no PEFT LoRA ``Linear`` layer.
+        ValueError: when ``model`` holds no PEFT LoRA layer, or ``backend`` is unknown.
     """
+    _requested(backend)  # an unknown name fails here rather than at the first forward
     found, skipped = 0, {}
     for name, module in model.named_modules():
         if not isinstance(module, LoraLayer):
