@@ -1,4 +1,4 @@
-"""The ``sorsa-kernels`` command: ``info`` and ``bench``."""
+"""The ``sorsa-kernels`` command: ``info``, ``bench`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -47,6 +47,13 @@ def bench(args) -> None:
         importlib.import_module(SUITES[name]).main(quick=quick, out_dir=args.out)
 
 
+def demo(args) -> None:
+    """Fine-tune a tiny Llama-architecture model with SORSA and print the loss falling."""
+    from sorsa_kernels.demo import run_demo
+
+    run_demo(args.steps, seed=args.seed)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sorsa-kernels", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +63,10 @@ def main(argv: list[str] | None = None) -> None:
     bench_parser.add_argument("--quick", action="store_true", help="the small configuration even on a GPU")
     bench_parser.add_argument("--out", default="bench/results", help="directory for the JSON results")
     bench_parser.set_defaults(run=bench)
+    demo_parser = commands.add_parser("demo", help="fine-tune a tiny Llama with SORSA and watch the loss fall")
+    demo_parser.add_argument("--steps", type=int, default=40, help="optimizer steps (default 40)")
+    demo_parser.add_argument("--seed", type=int, default=0)
+    demo_parser.set_defaults(run=demo)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -81,3 +81,30 @@ def poisoned_allocations():
         yield
     finally:
         torch.empty, torch.empty_like, torch.Tensor.new_empty = originals
+
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(seed: int = 0, **config):
+    """A two-layer Llama-architecture causal LM built from a config (no download), float32,
+    deterministic in ``seed``; keyword arguments override config fields."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    fields.update(config)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(**fields))
+
+
+def random_tokens(batch: int, length: int, vocab_size: int = 97) -> torch.Tensor:
+    return torch.randint(vocab_size, (batch, length))

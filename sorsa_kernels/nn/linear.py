@@ -93,6 +93,7 @@ class SORSALinear(nn.Module):
         self.Vt = nn.Parameter(torch.empty(rank, in_features, **adapter))
         self.merged = False
         self._unmerged_weight: torch.Tensor | None = None
+        self.initial_adapter: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
 
     @property
     def rank(self) -> int:
@@ -111,6 +112,7 @@ class SORSALinear(nn.Module):
         adapter_dtype: torch.dtype = torch.float32,
         backend: str = "auto",
         generator: torch.Generator | None = None,
+        keep_initial: bool = False,
         **rsvd_options,
     ) -> "SORSALinear":
         """Wrap ``linear``: its weight (the same ``Parameter``, now frozen) becomes the residual,
@@ -128,6 +130,8 @@ class SORSALinear(nn.Module):
             adapter_dtype: dtype of U, S, Vt (float32 by default, whatever the base dtype).
             backend: backend of the forward op.
             generator: random source for the rsvd sketch or the LoRA init.
+            keep_initial: record the initial adapter on the CPU (:meth:`keep_initial_adapter`),
+                which :func:`sorsa_kernels.export_peft_lora` needs for the SVD modes.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
@@ -151,6 +155,8 @@ class SORSALinear(nn.Module):
             layer._init_from_svd(init, generator, rsvd_options)
         else:
             layer._init_lora(generator)
+        if keep_initial:
+            layer.keep_initial_adapter()
         return layer
 
     def _init_from_svd(self, init, generator, rsvd_options):
@@ -178,6 +184,25 @@ class SORSALinear(nn.Module):
             root = values.sqrt()
             self.U.copy_(U * root)
             self.Vt.copy_(root[:, None] * Vt)
+
+    @torch.no_grad()
+    def keep_initial_adapter(self) -> None:
+        """Record the current ``(U, S, Vt)`` as the adapter's initial value, in
+        :attr:`initial_adapter`: copies on the CPU, so they cost no accelerator memory.
+
+        For ``sorsa`` and ``pissa`` the frozen weight is ``W − scale·U₀ diag(S₀) Vt₀``, so the
+        original layer is known only with this record; :func:`sorsa_kernels.export_peft_lora`
+        uses it to express the trained layer as ``W + ΔW``. The cost is ``r·(in + out + 1)``
+        numbers of the adapter dtype per layer, in host memory. The record is a plain attribute:
+        it follows neither ``.to()`` nor ``state_dict()`` (save it yourself to export later).
+        For ``lora`` and ``sora`` the initial adapter is zero (``U₀ = 0``) and nothing is kept.
+        """
+        if self.mode in ("lora", "sora"):
+            self.initial_adapter = None
+            return
+        self.initial_adapter = tuple(
+            None if p is None else p.detach().to("cpu", copy=True) for p in (self.U, self.S, self.Vt)
+        )
 
     def _init_lora(self, generator):
         bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=√5), as nn.Linear and PEFT
