@@ -147,6 +147,10 @@ def test_apply_sorsa_targets_like_peft():
     trainable = {p for p in model.parameters() if p.requires_grad}
     assert trainable == set(sorsa_parameters(model)) and len(trainable) == 12
 
+    apply_sorsa(model, ["k_proj"], rank=2)  # a second call keeps the first call's adapters trainable
+    assert {p for p in model.parameters() if p.requires_grad} == set(sorsa_parameters(model))
+    assert len(sorsa_parameters(model)) == 18
+
     regex_model = apply_sorsa(tiny_model(), r"1\.attn\.(q|k)_proj", rank=3, mode="lora")
     assert [name for name, _ in sorsa_layers(regex_model)] == ["1.attn.q_proj", "1.attn.k_proj"]
 

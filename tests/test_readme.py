@@ -30,3 +30,10 @@ def test_snippet_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the snippets write "out", "base", "sorsa-adapter"
     code = trainer_snippets()[index]
     exec(compile(code, f"README.md snippet {index + 1}", "exec"), {"__name__": "__readme__"})
+
+
+def test_api_example_runs():
+    """The example right under README.md's opening commands."""
+    text = README.read_text().split("\n## ", 1)[0]
+    (example,) = re.findall(r"^```python\n(.*?)^```$", text, re.MULTILINE | re.DOTALL)
+    exec(compile(example, "README.md API example", "exec"), {"__name__": "__readme__"})

@@ -39,7 +39,8 @@ def apply_sorsa(
             matches ``"model.layers.0.self_attn.q_proj"``) or a regular expression matched
             against the full module name.
         rank: adapter rank for every targeted layer.
-        freeze_base: set ``requires_grad=False`` on every parameter outside the adapters.
+        freeze_base: set ``requires_grad=False`` on every parameter outside the adapters (those
+            of an earlier call included).
         **layer_options: passed to :meth:`SORSALinear.from_linear` (``alpha``, ``init``,
             ``mode``, ``dropout``, ``adapter_dtype``, ``backend``, ``generator``, ...).
 
@@ -54,8 +55,10 @@ def apply_sorsa(
     if not targets:
         raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear of the model")
     if freeze_base:
+        adapters = set(sorsa_parameters(model))  # from an earlier call: they stay trainable
         for param in model.parameters():
-            param.requires_grad_(False)
+            if param not in adapters:
+                param.requires_grad_(False)
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
