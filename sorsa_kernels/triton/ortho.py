@@ -97,9 +97,20 @@ def _split_tf32(x):
 
 
 @triton.jit
-def _load_tile(ptr, rows, cols, stride_l, stride_r, row_end, rank):
+def _tile_pointers(ptr, rows, cols, stride_l, stride_r, VECTOR: tl.constexpr):
+    pointers = ptr + rows[:, None] * stride_l + cols[None, :] * stride_r
+    if VECTOR:
+        # The base came through an integer table, which hides its alignment from the compiler;
+        # the host checked that every access group along the contiguous dimension starts on
+        # 16 bytes (pointer, strides, lengths, ranks and chunk starts).
+        pointers = tl.multiple_of(pointers, [16, 16])
+    return pointers
+
+
+@triton.jit
+def _load_tile(ptr, rows, cols, stride_l, stride_r, row_end, rank, VECTOR: tl.constexpr):
     mask = (rows[:, None] < row_end) & (cols[None, :] < rank)
-    return tl.load(ptr + rows[:, None] * stride_l + cols[None, :] * stride_r, mask=mask, other=0.0)
+    return tl.load(_tile_pointers(ptr, rows, cols, stride_l, stride_r, VECTOR), mask=mask, other=0.0)
 
 
 @triton.jit
@@ -126,19 +137,20 @@ def _gram_update(acc, xa, xb, PRECISION: tl.constexpr, SAME: tl.constexpr):
 
 @triton.jit
 def _gram_rows(acc, ptr, stride_l, stride_r, row_start, row_end, rank, cols_a, cols_b,
-               BLOCK_L: tl.constexpr, PRECISION: tl.constexpr, SAME: tl.constexpr):
+               BLOCK_L: tl.constexpr, PRECISION: tl.constexpr, SAME: tl.constexpr, VECTOR: tl.constexpr):
     for start in range(row_start, row_end, BLOCK_L):
         rows = start + tl.arange(0, BLOCK_L)
-        xa = _load_tile(ptr, rows, cols_a, stride_l, stride_r, row_end, rank)
+        xa = _load_tile(ptr, rows, cols_a, stride_l, stride_r, row_end, rank, VECTOR)
         if SAME:
             acc = _gram_update(acc, xa, xa, PRECISION, True)
         else:
-            xb = _load_tile(ptr, rows, cols_b, stride_l, stride_r, row_end, rank)
+            xb = _load_tile(ptr, rows, cols_b, stride_l, stride_r, row_end, rank, VECTOR)
             acc = _gram_update(acc, xa, xb, PRECISION, False)
     return acc
 
 
-@triton.jit
+# Integers that vary between calls are not specialized on (fewer compilations).
+@triton.jit(do_not_specialize=["gram_stride", "gram_width"])
 def _gram_kernel(mats, work, grams, gram_stride, gram_width,
                  DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_L: tl.constexpr,
                  BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr):
@@ -170,15 +182,17 @@ def _gram_kernel(mats, work, grams, gram_stride, gram_width,
         stride_l = tl.load(entry + MAT_STRIDE_L)
         if ALIGNED:
             stride_l = tl.multiple_of(stride_l, VEC)
-        acc = _gram_rows(acc, ptr, stride_l, 1, row_start, row_end, rank, cols_a, cols_b, BLOCK_L, PRECISION, same)
+        acc = _gram_rows(acc, ptr, stride_l, 1, row_start, row_end, rank, cols_a, cols_b, BLOCK_L, PRECISION, same,
+                         ALIGNED)
     elif kind == COL_MAJOR:
         stride_r = tl.load(entry + MAT_STRIDE_R)
         if ALIGNED:
             stride_r = tl.multiple_of(stride_r, VEC)
-        acc = _gram_rows(acc, ptr, 1, stride_r, row_start, row_end, rank, cols_a, cols_b, BLOCK_L, PRECISION, same)
+        acc = _gram_rows(acc, ptr, 1, stride_r, row_start, row_end, rank, cols_a, cols_b, BLOCK_L, PRECISION, same,
+                         ALIGNED)
     else:
         acc = _gram_rows(acc, ptr, tl.load(entry + MAT_STRIDE_L), tl.load(entry + MAT_STRIDE_R), row_start, row_end,
-                         rank, cols_a, cols_b, BLOCK_L, PRECISION, same)
+                         rank, cols_a, cols_b, BLOCK_L, PRECISION, same, False)
     if same and PRECISION == F32_3XTF32:
         acc = (acc + tl.trans(acc)) * 0.5
     value = acc.to(grams.dtype.element_ty)
@@ -238,20 +252,20 @@ def _deviation_block(gram, gram_width, rows, cols, rank, ACC_DTYPE: tl.constexpr
 def _gradient_rows(ptr, stride_l, stride_r, out, out_stride_l, out_stride_r, row_start, row_end, rank, cols,
                    gram, gram_width, d_hi, d_lo, coeff, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                    ACCUMULATE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   NUM_K: tl.constexpr):
+                   NUM_K: tl.constexpr, VECTOR: tl.constexpr):
     for start in range(row_start, row_end, BLOCK_L):
         rows = start + tl.arange(0, BLOCK_L)
         acc = tl.zeros((BLOCK_L, BLOCK_N), ACC_DTYPE)
         for kb in tl.static_range(NUM_K):
             ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-            x = _load_tile(ptr, rows, ks, stride_l, stride_r, row_end, rank)
+            x = _load_tile(ptr, rows, ks, stride_l, stride_r, row_end, rank, VECTOR)
             if NUM_K == 1:
                 acc = _product_update(acc, x, d_hi, d_lo, PRECISION)
             else:  # ranks above 128: the deviation blocks come again from L2 for every tile
                 blk_hi, blk_lo = _split_deviation(_deviation_block(gram, gram_width, ks, cols, rank, ACC_DTYPE),
                                                   PRECISION)
                 acc = _product_update(acc, x, blk_hi, blk_lo, PRECISION)
-        targets = out + rows[:, None] * out_stride_l + cols[None, :] * out_stride_r
+        targets = _tile_pointers(out, rows, cols, out_stride_l, out_stride_r, VECTOR)
         mask = (rows[:, None] < row_end) & (cols[None, :] < rank)
         update = coeff * acc
         if ACCUMULATE:
@@ -259,7 +273,7 @@ def _gradient_rows(ptr, stride_l, stride_r, out, out_stride_l, out_stride_r, row
         tl.store(targets, update.to(out.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["gram_stride", "gram_width", "count", "official"])
 def _gradient_kernel(mats, outs, work, grams, norms, scale, gram_stride, gram_width, count, official,
                      DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
                      BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
@@ -316,7 +330,8 @@ def _gradient_kernel(mats, outs, work, grams, norms, scale, gram_stride, gram_wi
                 stride_l = tl.multiple_of(stride_l, VEC)
                 out_stride_l = tl.multiple_of(out_stride_l, VEC)
             _gradient_rows(ptr, stride_l, 1, out, out_stride_l, 1, row_start, row_end, rank, cols, gram, gram_width,
-                           d_hi, d_lo, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K, NUM_K)
+                           d_hi, d_lo, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K, NUM_K,
+                           ALIGNED)
         elif kind == COL_MAJOR:
             stride_r = tl.load(entry + MAT_STRIDE_R)
             out_stride_r = tl.load(out_entry + OUT_STRIDE_R)
@@ -324,12 +339,13 @@ def _gradient_kernel(mats, outs, work, grams, norms, scale, gram_stride, gram_wi
                 stride_r = tl.multiple_of(stride_r, VEC)
                 out_stride_r = tl.multiple_of(out_stride_r, VEC)
             _gradient_rows(ptr, 1, stride_r, out, 1, out_stride_r, row_start, row_end, rank, cols, gram, gram_width,
-                           d_hi, d_lo, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K, NUM_K)
+                           d_hi, d_lo, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K, NUM_K,
+                           ALIGNED)
         else:
             _gradient_rows(ptr, tl.load(entry + MAT_STRIDE_L), tl.load(entry + MAT_STRIDE_R), out,
                            tl.load(out_entry + OUT_STRIDE_L), tl.load(out_entry + OUT_STRIDE_R), row_start, row_end,
                            rank, cols, gram, gram_width, d_hi, d_lo, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L,
-                           BLOCK_N, BLOCK_K, NUM_K)
+                           BLOCK_N, BLOCK_K, NUM_K, False)
 
 
 # ----------------------------------------------------------------------------------------------
