@@ -29,6 +29,7 @@ IMPLEMENTATIONS: dict[str, dict[str, str]] = {
         "torch": "sorsa_kernels.reference.linear",
     },
     "ortho_reg": {
+        "triton": "sorsa_kernels.triton.ortho",
         "torch": "sorsa_kernels.reference.ortho",
     },
     "rsvd": {

@@ -6,80 +6,119 @@ kernel launches does not grow with the number of adapters (on backends that batc
 - ``"squared"``: ``Σ‖UᵀU − I‖²_F + Σ‖Vt Vtᵀ − I‖²_F``;
 - ``"official"``: the mean over all ``2n`` matrices of the unsquared norms, as the reference
   SORSA code computes it (its gradient is taken as zero where a norm is exactly 0).
+
+The math lives in :mod:`sorsa_kernels.reference.ortho`. A training loop calls these with the
+same parameters every step, so everything about a factor set that does not change between
+steps (validation, the backend's plan, e.g. device-side pointer tables) is cached under the
+factors' data pointers, shapes, strides and dtypes: a repeated call only reads that metadata.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 
 from sorsa_kernels.backends import implementation, resolve
 from sorsa_kernels.ops._validate import check_number, check_same_device, check_tensor
+from sorsa_kernels.reference.ortho import FORMS, deviation_norms, penalty_value
 
-FORMS = ("squared", "official")
-
-
-def _factor_views(Us: Sequence[torch.Tensor], Vts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Every factor as a tall ``[L, r]`` matrix whose columns should be orthonormal."""
-    return [*Us, *(Vt.mT for Vt in Vts)]
+_FACTOR_SETS_CACHED = 8
 
 
-def _check_factors(Us, Vts, form) -> list[torch.Tensor]:
-    if isinstance(Us, torch.Tensor) or isinstance(Vts, torch.Tensor):
-        raise TypeError("Us and Vts must be sequences of tensors (wrap a single tensor in a list)")
-    Us, Vts = list(Us), list(Vts)
-    for i, U in enumerate(Us):
-        check_tensor(f"Us[{i}]", U, dims=2)
-    for i, Vt in enumerate(Vts):
-        check_tensor(f"Vts[{i}]", Vt, dims=2)
+class _FactorSet:
+    """A validated factor set: its device, ranks and each backend's plan."""
+
+    def __init__(self, Us: list[torch.Tensor], Vts: list[torch.Tensor]):
+        self.device = (Us or Vts)[0].device
+        self.ranks = torch.tensor([U.shape[1] for U in Us] + [Vt.shape[0] for Vt in Vts], device=self.device)
+        self.plans: dict[str, object] = {}
+
+    def plan(self, backend: str, Us, Vts):
+        if backend not in self.plans:
+            self.plans[backend] = implementation("ortho_reg", backend).prepare(Us, Vts)
+        return self.plans[backend]
+
+
+_factor_sets: OrderedDict[tuple, _FactorSet] = OrderedDict()
+
+
+def _fingerprint(tensors: list[torch.Tensor]) -> tuple:
+    return tuple([(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors])
+
+
+def _as_list(name: str, value) -> list:
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a sequence of tensors, got a tensor (wrap a single tensor in a list)")
+    try:
+        return list(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of tensors, got {type(value).__name__}") from None
+
+
+def _validate(Us: list, Vts: list):
+    names = [f"Us[{i}]" for i in range(len(Us))] + [f"Vts[{i}]" for i in range(len(Vts))]
+    factors = Us + Vts
+    if not factors:
+        raise ValueError("ortho_reg needs at least one matrix in Us or Vts")
+    for name, t in zip(names, factors):
+        check_tensor(name, t, dims=2)
+        if t.numel() == 0:
+            raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    check_same_device(names[0], factors[0], **dict(zip(names[1:], factors[1:])))
+    # The same storage twice would race in backends that update every .grad concurrently.
+    seen: dict[tuple, str] = {}
+    for name, key in zip(names, _fingerprint(factors)):
+        if key[0] != 0 and key in seen:
+            raise ValueError(f"{name} is the same matrix as {seen[key]}; pass each factor once")
+        seen[key] = name
+
+
+def _factor_set(Us, Vts, form) -> tuple[list, list, _FactorSet]:
+    """Validated ``(Us, Vts)`` and their cached :class:`_FactorSet`."""
+    Us, Vts = _as_list("Us", Us), _as_list("Vts", Vts)
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    mats = _factor_views(Us, Vts)
-    if not mats:
-        raise ValueError("ortho_reg needs at least one matrix in Us or Vts")
-    check_same_device("Us[0]" if Us else "Vts[0]", mats[0], **{f"matrix {i}": m for i, m in enumerate(mats)})
-    return mats
-
-
-def penalty(grams: torch.Tensor, ranks: Sequence[int], form: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The regularizer's value and, per matrix, the factor ``c_i`` of its gradient ``c_i·X(G − I)``.
-
-    ``grams`` is the zero-padded ``[n, R, R]`` stack of the backend interface.
-    """
-    n, width, _ = grams.shape
-    rank = torch.tensor(list(ranks), device=grams.device).unsqueeze(1)
-    identity = torch.diag_embed((torch.arange(width, device=grams.device) < rank).to(grams.dtype))
-    norms = torch.linalg.matrix_norm(grams - identity)
-    if form == "squared":
-        return norms.square().sum(), torch.full_like(norms, 4.0)
-    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-    return norms.mean(), torch.where(norms > 0, 2.0 / (n * safe), torch.zeros_like(norms))
+    try:
+        key = (_fingerprint(Us), _fingerprint(Vts))
+    except (AttributeError, TypeError, RuntimeError):
+        key = None  # not all tensors: _validate says which
+    factor_set = _factor_sets.get(key) if key is not None else None
+    if factor_set is None:
+        _validate(Us, Vts)
+        factor_set = _FactorSet(Us, Vts)
+        if key is not None:
+            _factor_sets[key] = factor_set
+            while len(_factor_sets) > _FACTOR_SETS_CACHED:
+                _factor_sets.popitem(last=False)
+    else:
+        _factor_sets.move_to_end(key)
+    return Us, Vts, factor_set
 
 
 class OrthoRegFunction(torch.autograd.Function):
     """Differentiable regularizer whose backward reuses the forward's Gram matrices."""
 
     @staticmethod
-    def forward(ctx, form, backend, *mats):
-        impl = implementation("ortho_reg", backend)
-        grams = impl.grams(mats)
-        value, coeffs = penalty(grams, [m.shape[1] for m in mats], form)
-        ctx.save_for_backward(grams, coeffs, *mats)
-        ctx.backend = backend
+    def forward(ctx, form, backend, factor_set, num_Us, *factors):
+        Us, Vts = factors[:num_Us], factors[num_Us:]
+        plan = factor_set.plan(backend, Us, Vts)
+        grams = implementation("ortho_reg", backend).grams(plan, Us, Vts)
+        value = penalty_value(deviation_norms(grams, factor_set.ranks), form)
+        ctx.save_for_backward(grams, *factors)
+        ctx.form, ctx.backend, ctx.plan, ctx.num_Us = form, backend, plan, num_Us
         return value
 
     @staticmethod
     def backward(ctx, grad_value):
-        grams, coeffs, *mats = ctx.saved_tensors
-        wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
-        grads = [None] * len(mats)
-        for i in wanted:
-            grads[i] = torch.zeros_like(mats[i])
-        implementation("ortho_reg", ctx.backend).add_scaled_grads_(
-            [mats[i] for i in wanted], grams[wanted], coeffs[wanted] * grad_value, [grads[i] for i in wanted]
+        grams, *factors = ctx.saved_tensors
+        outs = [torch.empty_like(f) if need else None for f, need in zip(factors, ctx.needs_input_grad[4:])]
+        k = ctx.num_Us
+        implementation("ortho_reg", ctx.backend).add_penalty_grads_(
+            ctx.plan, factors[:k], factors[k:], grams, ctx.form, grad_value, outs[:k], outs[k:], accumulate=False
         )
-        return (None, None, *grads)
+        return (None, None, None, None, *outs)
 
 
 def ortho_reg(
@@ -98,9 +137,15 @@ def ortho_reg(
     Returns:
         A 0-dim float32 tensor (float64 if any factor is float64).
     """
-    mats = _check_factors(Us, Vts, form)
-    name = resolve("ortho_reg", backend, mats[0].device)
-    return OrthoRegFunction.apply(form, name, *mats)
+    Us, Vts, factor_set = _factor_set(Us, Vts, form)
+    name = resolve("ortho_reg", backend, factor_set.device)
+    return OrthoRegFunction.apply(form, name, factor_set, len(Us), *Us, *Vts)
+
+
+def _grad_of(p: torch.Tensor) -> torch.Tensor:
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    return p.grad
 
 
 @torch.no_grad()
@@ -115,20 +160,19 @@ def ortho_reg_grad_(
 
     No autograd graph is built; a missing ``.grad`` is allocated (zeros) first. This is the
     reference SORSA training step's regularizer, applied after gradient clipping and before
-    ``optimizer.step()`` with ``coeff = γ / peak_lr``.
+    ``optimizer.step()`` with ``coeff = γ / peak_lr``. Each factor must appear once.
 
     Returns:
-        The regularizer's value (detached, 0-dim).
+        The regularizer's value (detached, 0-dim; float32, or float64 if any factor is float64).
     """
-    mats = _check_factors(Us, Vts, form)
     coeff = check_number("coeff", coeff)
-    name = resolve("ortho_reg", backend, mats[0].device)
-    for p in (*Us, *Vts):
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    outs = _factor_views([U.grad for U in Us], [Vt.grad for Vt in Vts])
+    Us, Vts, factor_set = _factor_set(Us, Vts, form)
+    name = resolve("ortho_reg", backend, factor_set.device)
     impl = implementation("ortho_reg", name)
-    grams = impl.grams(mats)
-    value, coeffs = penalty(grams, [m.shape[1] for m in mats], form)
-    impl.add_scaled_grads_(mats, grams, coeffs * coeff, outs)
-    return value
+    plan = factor_set.plan(name, Us, Vts)
+    grams = impl.grams(plan, Us, Vts)
+    scale = torch.full((), coeff, dtype=grams.dtype, device=grams.device)
+    norms = impl.add_penalty_grads_(
+        plan, Us, Vts, grams, form, scale, [_grad_of(U) for U in Us], [_grad_of(Vt) for Vt in Vts], accumulate=True
+    )
+    return penalty_value(norms, form)

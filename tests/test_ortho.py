@@ -1,0 +1,313 @@
+"""ortho_reg and ortho_reg_grad_ on every backend against a float64 autograd oracle: the value and
+every gradient, both forms, mixed shapes, layouts and dtypes.
+
+Inputs are random factors whose Gram matrices are far from I, as the 1e-5 float32 contract is
+relative to ‖G − I‖: near an orthonormal factor, G − I is below float32's resolution of G itself
+and no float32 computation (torch's included) resolves it to 1e-5.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sorsa_kernels import ortho_reg, ortho_reg_grad_
+from support import (
+    DEVICE,
+    TOLERANCE,
+    assert_close,
+    backend_params,
+    gpu,
+    interpretable_dtypes,
+    poisoned_allocations,
+)
+
+BACKENDS = backend_params("ortho_reg")
+FORMS = ["squared", "official"]
+# float32 must match float64 to 1e-5 (3xTF32 on GPUs); narrower dtypes round their gradients.
+TOL = {**TOLERANCE, torch.float32: 1e-5}
+
+# U shapes [L, r] and Vt shapes [r, L]: L of 1, 19, 37, 130 (no multiple of 16), ranks 1 to 256.
+MIXED = ([(37, 5), (130, 7), (23, 1)], [(7, 45), (1, 19), (16, 3)])
+WIDE_RANKS = ([(40, 128), (70, 33)], [(256, 21), (100, 9)])
+# Every pointer, stride, length and rank a multiple of 16 bytes: the vectorized (ALIGNED) path.
+ALIGNED = ([(64, 16), (48, 32)], [(16, 80), (32, 32)])
+
+
+def oracle(Us, Vts, form):
+    """The regularizer as written in the SORSA paper and code, for autograd in float64."""
+    norms = [torch.linalg.matrix_norm(U.T @ U - torch.eye(U.shape[1], dtype=U.dtype, device=U.device)) for U in Us]
+    norms += [torch.linalg.matrix_norm(Vt @ Vt.T - torch.eye(Vt.shape[0], dtype=Vt.dtype, device=Vt.device)) for Vt in Vts]
+    norms = torch.stack(norms)
+    return norms.square().sum() if form == "squared" else norms.mean()
+
+
+def factor(shape, dtype, tall_dim=0):
+    """A random factor whose Gram matrix is far from I (the long dimension is ``tall_dim``)."""
+    scale = 0.5 / shape[tall_dim] ** 0.5  # G near I/4, so every ‖G − I‖ is of order 1
+    return (torch.randn(shape, device=DEVICE) * scale).to(dtype).requires_grad_()
+
+
+def make(shapes, dtype):
+    U_shapes, Vt_shapes = shapes
+    return [factor(s, dtype) for s in U_shapes], [factor(s, dtype, tall_dim=1) for s in Vt_shapes]
+
+
+def expected(Us, Vts, form):
+    ref_Us = [U.detach().double().requires_grad_() for U in Us]
+    ref_Vts = [Vt.detach().double().requires_grad_() for Vt in Vts]
+    value = oracle(ref_Us, ref_Vts, form)
+    return value, torch.autograd.grad(value, ref_Us + ref_Vts)
+
+
+def check(value, grads, Us, Vts, form, tol):
+    ref_value, ref_grads = expected(Us, Vts, form)
+    assert_close(value, ref_value, tol, "value")
+    for i, (grad, ref, p) in enumerate(zip(grads, ref_grads, Us + Vts)):
+        assert grad.dtype == p.dtype and grad.shape == p.shape, f"gradient {i}: {grad.dtype} {tuple(grad.shape)}"
+        assert_close(grad, ref, tol, f"gradient {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("shapes", [MIXED, WIDE_RANKS, ALIGNED], ids=["mixed", "wide-ranks", "aligned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_differentiable_matches_float64(backend, form, shapes, dtype):
+    if dtype not in interpretable_dtypes(backend, [dtype]):
+        pytest.skip("bfloat16 tl.dot is wrong under the Triton interpreter; covered on GPU")
+    Us, Vts = make(shapes, dtype)
+    with poisoned_allocations():
+        value = ortho_reg(Us, Vts, form, backend=backend)
+        grads = torch.autograd.grad(value, Us + Vts)
+    assert value.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and value.dim() == 0
+    check(value, grads, Us, Vts, form, TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", FORMS)
+def test_grad_adds_into_existing_and_allocates_missing(backend, form):
+    Us, Vts = make(MIXED, torch.float32)
+    before = {}
+    for i, p in enumerate(Us + Vts):
+        if i % 2 == 0:  # half the factors already have a gradient, the others none
+            p.grad = torch.randn_like(p)
+            before[i] = p.grad.clone()
+    coeff = 0.37
+    with poisoned_allocations():
+        value = ortho_reg_grad_(Us, Vts, coeff, form, backend=backend)
+    ref_value, ref_grads = expected(Us, Vts, form)
+    assert_close(value, ref_value, 1e-5, "value")
+    for i, (p, ref) in enumerate(zip(Us + Vts, ref_grads)):
+        want = coeff * ref + (before[i].double() if i in before else 0)
+        assert p.grad is not None and p.grad.dtype == p.dtype
+        assert_close(p.grad, want, 1e-5, f"grad {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_repeated_steps_reuse_cached_plans(backend):
+    """Same parameters, changing values and fresh .grad tensors each step, as in training."""
+    Us, Vts = make(MIXED, torch.float32)
+    for step in range(3):
+        with torch.no_grad():
+            for p in Us + Vts:
+                p.mul_(0.9)
+        for p in Us + Vts:
+            p.grad = None if step == 1 else torch.zeros_like(p)
+        with poisoned_allocations():
+            value = ortho_reg_grad_(Us, Vts, 1.0, "squared", backend=backend)
+        ref_value, ref_grads = expected(Us, Vts, "squared")
+        assert_close(value, ref_value, 1e-5, f"value at step {step}")
+        for i, (p, ref) in enumerate(zip(Us + Vts, ref_grads)):
+            assert_close(p.grad, ref, 1e-5, f"grad {i} at step {step}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", FORMS)
+def test_strided_layouts(backend, form):
+    """Factors and gradients in every memory layout: transposed, sliced, and grads laid out
+    unlike their parameters."""
+    base = torch.randn(45, 90, device=DEVICE) / 12
+    U_col = torch.randn(6, 41, device=DEVICE).div(10).T.requires_grad_()  # [41, 6], contiguous along L
+    U_sliced = base[::2, ::3].detach().clone().requires_grad_()  # contiguous copy
+    U_strided = torch.randn(70, 40, device=DEVICE).div(9)[::2, ::4].requires_grad_()  # [35, 10], no unit stride
+    Vt_row = torch.randn(33, 5, device=DEVICE).div(10).T.requires_grad_()  # [5, 33], contiguous along r
+    Vt_strided = torch.randn(8, 100, device=DEVICE).div(8)[::2, ::3].requires_grad_()  # [4, 34]
+    Us, Vts = [U_col, U_sliced, U_strided], [Vt_row, Vt_strided]
+    with poisoned_allocations():
+        value = ortho_reg(Us, Vts, form, backend=backend)
+        grads = torch.autograd.grad(value, Us + Vts)
+    check(value, grads, Us, Vts, form, 1e-5)
+    for p in Us + Vts:  # gradients laid out transposed to their parameters
+        p.grad = torch.zeros(p.shape[::-1], device=DEVICE).T
+    with poisoned_allocations():
+        value = ortho_reg_grad_(Us, Vts, 2.0, form, backend=backend)
+    ref_value, ref_grads = expected(Us, Vts, form)
+    assert_close(value, ref_value, 1e-5, "value")
+    for i, (p, ref) in enumerate(zip(Us + Vts, ref_grads)):
+        assert_close(p.grad, 2.0 * ref, 1e-5, f"grad {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dtypes(backend):
+    """One launch per dtype group; float64 anywhere makes the value float64."""
+    dtypes = interpretable_dtypes(backend, [torch.float32, torch.float16, torch.bfloat16])
+    Us = [factor((37 + 8 * i, 5 + i), dtype) for i, dtype in enumerate(dtypes)]
+    Vts = [factor((6, 29), torch.float64), factor((3, 50), torch.float32)]
+    with poisoned_allocations():
+        value = ortho_reg(Us, Vts, "official", backend=backend)
+        grads = torch.autograd.grad(value, Us + Vts)
+    assert value.dtype == torch.float64
+    ref_value, ref_grads = expected(Us, Vts, "official")
+    assert_close(value, ref_value, TOL[dtypes[-1]], "value")
+    for i, (grad, ref, p) in enumerate(zip(grads, ref_grads, Us + Vts)):
+        assert grad.dtype == p.dtype
+        assert_close(grad, ref, TOL[p.dtype], f"gradient {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_some_gradients(backend):
+    Us, Vts = make(MIXED, torch.float32)
+    Us[1].requires_grad_(False)
+    Vts[0].requires_grad_(False)
+    wanted = [Us[0], Us[2], Vts[1], Vts[2]]
+    with poisoned_allocations():
+        grads = torch.autograd.grad(ortho_reg(Us, Vts, "official", backend=backend), wanted)
+    _, ref_grads = expected(Us, Vts, "official")
+    for grad, ref in zip(grads, [ref_grads[i] for i in (0, 2, 4, 5)]):
+        assert_close(grad, ref, 1e-5, "gradient")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_official_form_zero_gradient_at_orthonormal(backend):
+    """‖G − I‖ = 0 exactly (a signed permutation and a Hadamard/2 block are exact in binary):
+    the official form's gradient there is a finite zero, not 0/0."""
+    perm = torch.randperm(40, device=DEVICE)[:6]
+    U_exact = torch.zeros(40, 6, device=DEVICE)
+    U_exact[perm, torch.arange(6, device=DEVICE)] = torch.tensor([1.0, -1, 1, 1, -1, 1], device=DEVICE)
+    hadamard = torch.tensor([[1.0, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], device=DEVICE) / 2
+    Vt_exact = torch.cat([hadamard, torch.zeros(4, 13, device=DEVICE)], dim=1)  # [4, 17]
+    Us = [U_exact.requires_grad_(), factor((33, 5), torch.float32)]
+    Vts = [Vt_exact.requires_grad_(), factor((3, 21), torch.float32, tall_dim=1)]
+    with poisoned_allocations():
+        value = ortho_reg(Us, Vts, "official", backend=backend)
+        grads = torch.autograd.grad(value, Us + Vts)
+    assert torch.equal(grads[0], torch.zeros_like(U_exact)) and torch.equal(grads[2], torch.zeros_like(Vt_exact))
+    ref_value, ref_grads = expected(Us, Vts, "official")
+    assert_close(value, ref_value, 1e-5, "value")
+    assert_close(grads[1], ref_grads[1], 1e-5, "gradient of U 1")
+    assert_close(grads[3], ref_grads[3], 1e-5, "gradient of Vt 1")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_mode(backend):
+    Us, Vts = make(MIXED, torch.float32)
+    results = []
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        for _ in range(2):
+            for p in Us + Vts:
+                p.grad = None
+            value = ortho_reg_grad_(Us, Vts, 1.0, "squared", backend=backend)
+            results.append([value] + [p.grad.clone() for p in Us + Vts])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(*results)), "two deterministic runs differ"
+    ref_value, ref_grads = expected(Us, Vts, "squared")
+    assert_close(results[0][0], ref_value, 1e-5, "value")
+    for i, (grad, ref) in enumerate(zip(results[0][1:], ref_grads)):
+        assert_close(grad, ref, 1e-5, f"grad {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    Us, Vts = make(([(9, 3)], [(2, 7)]), torch.float64)
+    for form in FORMS:
+        assert torch.autograd.gradcheck(lambda U, Vt: ortho_reg([U], [Vt], form, backend=backend), (*Us, *Vts))
+
+
+def _good():
+    return [torch.randn(20, 4)], [torch.randn(4, 30)]
+
+
+BAD_INPUTS = [
+    # (arguments, exception, text the message must contain)
+    (lambda U, V: (U[0], V), TypeError, "Us must be a sequence"),
+    (lambda U, V: (U, 5), TypeError, "Vts must be a sequence"),
+    (lambda U, V: (U + [torch.randn(5)], V), ValueError, r"Us\[1\] must be 2-D"),
+    (lambda U, V: (U, [V[0].long()]), TypeError, r"Vts\[0\] must have a floating-point dtype"),
+    (lambda U, V: (U, V, "cubed"), ValueError, "form must be one of"),
+    (lambda U, V: (U, [V[0].to("meta")]), ValueError, r"Vts\[0\] is on meta but Us\[0\] is on cpu"),
+    (lambda U, V: ([], []), ValueError, "at least one matrix"),
+    (lambda U, V: (U + [torch.randn(0, 3)], V), ValueError, r"Us\[1\] must not be empty"),
+    (lambda U, V: (U + U, V), ValueError, r"Us\[1\] is the same matrix as Us\[0\]"),
+    (lambda U, V: (U, [V[0], "x"]), TypeError, r"Vts\[1\] must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("arguments,error,text", BAD_INPUTS)
+def test_bad_input_names_the_argument(arguments, error, text):
+    args = arguments(*_good())
+    with pytest.raises(error, match=text):
+        ortho_reg(*args)
+    with pytest.raises(error, match=text):
+        ortho_reg_grad_(args[0], args[1], 1.0, *args[2:])
+
+
+def test_grad_coeff_must_be_a_number():
+    with pytest.raises(TypeError, match="coeff"):
+        ortho_reg_grad_(*_good(), "1")
+
+
+# -- GPU: realistic factor sizes (a Llama-2-7B attention and MLP adapter), both forms ---------
+
+
+def _realistic(dtype):
+    return make(([(4096, 128), (11008, 128)], [(128, 4096), (128, 11008)]), dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", FORMS)
+def test_realistic_sizes_on_gpu(dtype, form):
+    Us, Vts = _realistic(dtype)
+    with poisoned_allocations():
+        value = ortho_reg(Us, Vts, form, backend="triton")
+        grads = torch.autograd.grad(value, Us + Vts)
+    check(value, grads, Us, Vts, form, TOL[dtype])
+    with poisoned_allocations():
+        value = ortho_reg_grad_(Us, Vts, 0.5, form, backend="triton")
+    ref_value, ref_grads = expected(Us, Vts, form)
+    assert_close(value, ref_value, TOL[dtype], "value (grad_)")
+    for i, (p, ref) in enumerate(zip(Us + Vts, ref_grads)):
+        assert_close(p.grad, 0.5 * ref, TOL[dtype], f"grad {i} (grad_)")
+
+
+@gpu
+def test_tf32_when_torch_allows_it():
+    """With torch's TF32 matmuls allowed, float32 runs one TF32 product per tile: about 1e-3."""
+    Us, Vts = _realistic(torch.float32)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        value = ortho_reg(Us, Vts, "squared", backend="triton")
+        grads = torch.autograd.grad(value, Us + Vts)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    check(value, grads, Us, Vts, "squared", 5e-3)
+
+
+def test_kernels_compile_for_hopper():
+    """The default configurations compile for sm_90 and fit its shared memory (no GPU needed:
+    the compiler and ptxas ship with Triton); catches GPU-only compile errors on CPU machines."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("ortho_hopper_compile.py"))],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
