@@ -1,0 +1,224 @@
+"""Batched randomized SVD on the GPU: the ``triton`` backend of ``rsvd``.
+
+Implements the backend interface documented in :mod:`sorsa_kernels.reference.rsvd` with the same
+algorithm (a Gaussian sketch, ``niter`` re-orthonormalized power iterations, Rayleigh–Ritz), made
+fast for many same-shape weights at once:
+
+- **Products with the weights** (the ``2·niter + 2`` passes over them that dominate the cost) run
+  in one Triton kernel, :func:`_product_kernel`, over the whole group, reading each weight in
+  place through a table of data pointers (no stacked copy of the weights). The other operand
+  is float32; how it meets the weight is the precision schedule below.
+- **Re-orthonormalization** is shifted CholeskyQR: the ``[k, k]`` Gram matrix, its Cholesky
+  factor in float64 with a small diagonal shift (so that a rank-deficient block cannot break it)
+  and a product with the inverse factor, all batched; the final basis gets a second, unshifted
+  pass (CholeskyQR2), which makes it orthonormal to float32 precision.
+- **The small SVD** is the eigendecomposition of the projected matrix's ``[k, k]`` Gram matrix in
+  float64 (exact to float64 precision for every singular value that matters). cuSOLVER has no
+  batched eigensolver that torch uses above 32×32 (torch loops one matrix at a time), so the
+  batch goes to the host and is split over CPU threads.
+
+Precision schedule (measured on CPU, with bfloat16/tf32 rounding emulated, on the real
+weights of all-MiniLM-L6-v2 and on power-law spectra; ``sorsa_kernels/benchmark/init.py``
+re-measures it on the GPU): rounding the basis to bfloat16 (bfloat16 weights) or tf32 (float32
+and float16 weights) in every power iteration but the last changes neither the excess residual
+error nor the singular values measurably, because the next iteration damps what the rounding
+adds outside the dominant subspace. The last iteration and the final projection are where the
+rounding would stay, so there the basis is split into a high and a low part (two bfloat16
+products: about 16 significant bits, with the exactly represented bfloat16 weight) or uses
+tf32x3 (float32 accuracy); the Gram matrices and the products with the Ritz vectors use tf32
+in the fast iterations and tf32x3 in the accurate ones. float64 weights run in float64.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _product_kernel(
+    a_ptrs, a_first, x_ptr, x_lo_ptr, y_ptr,
+    M, N, K,
+    stride_am, stride_ak,
+    stride_xb, stride_xk, stride_xn,
+    stride_yb, stride_ym, stride_yn,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``Y[b] = op(A[b]) @ X[b]`` (``@ (X + X_lo)`` when SPLIT), A[b] read through the pointer
+    table ``a_ptrs`` (all of a_first's dtype and of the same strides), accumulated in Y's dtype."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    # Consecutive programs share a row block of A, so its tiles are reused from L2.
+    pid_m = pid // tiles_n
+    pid_n = pid % tiles_n
+    a_base = tl.load(a_ptrs + b).to(tl.pointer_type(a_first.dtype.element_ty))
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_tile = a_base + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    x_offsets = b * stride_xb + offs_k[:, None] * stride_xk + offs_n[None, :] * stride_xn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=y_ptr.dtype.element_ty)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        x = tl.load(x_ptr + x_offsets, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        a = tl.load(a_tile, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(x.dtype)
+        acc = tl.dot(a, x, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        if SPLIT:
+            x_lo = tl.load(x_lo_ptr + x_offsets, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, x_lo, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        a_tile += BLOCK_K * stride_ak
+        x_offsets += BLOCK_K * stride_xk
+    y = y_ptr + b * stride_yb + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+class _Operand:
+    """A batch of same-shape, same-strides matrices ``A[b]`` seen by :func:`_product_kernel`."""
+
+    def __init__(self, matrices: list[torch.Tensor]):
+        first = matrices[0]
+        self.first = first
+        self.shape = tuple(first.shape)
+        self.strides = first.stride()
+        self.pointers = torch.tensor([a.data_ptr() for a in matrices], dtype=torch.int64, device=first.device)
+
+    @classmethod
+    def of_batch(cls, A: torch.Tensor) -> "_Operand":
+        """The matrices of a ``[B, m, n]`` tensor (kept alive by the caller)."""
+        return cls(list(A.unbind(0)))
+
+
+def _product(A: _Operand, X: torch.Tensor, *, transpose: bool, accurate: bool) -> torch.Tensor:
+    """``op(A[b]) @ X[b]`` for the whole batch, ``X [B, K, N]`` in float32 (float64 for float64 A),
+    returned in X's dtype. ``accurate`` picks float32-accurate arithmetic; otherwise the X side
+    is rounded to bfloat16 (bfloat16 A) or tf32 (other A)."""
+    rows, cols = A.shape
+    stride_r, stride_c = A.strides
+    M, K = (cols, rows) if transpose else (rows, cols)
+    stride_am, stride_ak = (stride_c, stride_r) if transpose else (stride_r, stride_c)
+    B, _, N = X.shape
+    Y = X.new_empty(B, M, N)
+    lo = None
+    if A.first.dtype == torch.bfloat16:
+        # The weight is exact in bfloat16: only X needs splitting for float32-like accuracy.
+        operand = X.to(torch.bfloat16)
+        if accurate:
+            lo = (X - operand.to(X.dtype)).to(torch.bfloat16)
+        precision = "ieee"
+    elif X.dtype == torch.float64:
+        operand, precision = X, "ieee"
+    else:
+        operand, precision = X, ("tf32x3" if accurate else "tf32")
+    block_n = 128 if N > 64 else max(16, triton.next_power_of_2(N))
+    block_m = 128 if M > 64 else 64
+    block_k = 64 if operand.element_size() == 2 else 32
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), B)
+    _product_kernel[grid](
+        A.pointers, A.first, operand, operand if lo is None else lo, Y,
+        M, N, K,
+        stride_am, stride_ak,
+        *operand.stride(), *Y.stride(),
+        SPLIT=lo is not None, PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=8 if block_m * block_n >= 128 * 128 else 4,
+        num_stages=3,
+    )
+    return Y
+
+
+def _orthonormalize(Y: torch.Tensor, *, accurate: bool) -> torch.Tensor:
+    """An orthonormal basis of the columns of every ``Y[b]`` (shifted CholeskyQR; CholeskyQR2
+    with the shift on the first pass when ``accurate``)."""
+    Q = Y
+    for shifted in (True, False) if accurate else (True,):
+        Qs = _Operand.of_batch(Q)
+        gram = _product(Qs, Q, transpose=True, accurate=accurate).to(torch.float64)
+        if shifted:
+            # Fukaya et al.'s shift keeps the Cholesky factorization defined when Y is (nearly)
+            # rank deficient; its size is the rounding level of the Gram matrix in this mode.
+            unit = 2.0**-24 if accurate or Y.dtype == torch.float64 else 2.0**-11
+            scale = unit * gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(torch.float64).tiny)
+            gram.diagonal(dim1=-2, dim2=-1).add_(scale.unsqueeze(-1))
+        L, _ = torch.linalg.cholesky_ex(gram)
+        identity = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+        inverse = torch.linalg.solve_triangular(L.mT, identity, upper=True).to(Y.dtype)
+        Q = _product(Qs, inverse, transpose=False, accurate=accurate)
+    return Q
+
+
+@contextlib.contextmanager
+def _single_threaded_torch():
+    """Each host worker runs one LAPACK call at a time: nested threading only thrashes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _eigh_descending(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and eigenvectors of the symmetric ``G [B, k, k]``, on G's device."""
+    if G.device.type == "cpu":
+        values, vectors = torch.linalg.eigh(G)
+    else:
+        host = G.cpu()
+        workers = max(1, min(len(host), os.cpu_count() or 1))
+        pieces = host.chunk(workers)
+        with _single_threaded_torch(), concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(torch.linalg.eigh, pieces))
+        values = torch.cat([v for v, _ in results]).to(G.device, non_blocking=True)
+        vectors = torch.cat([v for _, v in results]).to(G.device, non_blocking=True)
+    return values.flip(-1), vectors.flip(-1)
+
+
+def working_bytes(m: int, n: int, rank: int, oversample: int, dtype: torch.dtype) -> int:
+    """Upper bound of the GPU memory :func:`rsvd_grouped` allocates per matrix, beyond its inputs."""
+    k = min(rank + oversample, m, n)
+    element = 8 if dtype == torch.float64 else 4
+    # Live at once at worst: basis, product, its split operands, inverse-factor product (each
+    # [max(m, n), k]), the float64 Gram matrices, and the outputs.
+    return element * k * (4 * max(m, n) + m + n) + 8 * 3 * k * k + element * rank * (m + n + 1)
+
+
+@torch.no_grad()
+def rsvd_grouped(weights, rank, niter, oversample, generator):
+    A = _Operand(list(weights))
+    m, n = A.shape
+    acc = torch.float64 if A.first.dtype == torch.float64 else torch.float32
+    device = A.first.device
+    k = min(rank + oversample, m, n)
+    sketch = torch.randn(len(weights), n, k, generator=generator, device=device, dtype=acc)
+    Q = _orthonormalize(_product(A, sketch, transpose=False, accurate=False), accurate=niter == 0)
+    del sketch
+    for i in range(niter):
+        last = i == niter - 1
+        P = _orthonormalize(_product(A, Q, transpose=True, accurate=last), accurate=last)
+        Q = _orthonormalize(_product(A, P, transpose=False, accurate=last), accurate=last)
+        del P
+    Bt = _product(A, Q, transpose=True, accurate=True)  # (Qᵀ W)ᵀ, [B, n, k]
+    Bt64 = Bt.to(torch.float64)
+    values, vectors = _eigh_descending(Bt64.mT @ Bt64)
+    del Bt64
+    ritz = vectors[..., :rank].to(acc).contiguous()
+    S = values[..., :rank].clamp_min(0).sqrt().to(acc)
+    V = _product(_Operand.of_batch(Bt), ritz, transpose=False, accurate=True)  # Bt·E = V·diag(S)
+    U = _product(_Operand.of_batch(Q), ritz, transpose=False, accurate=True)
+    Vt = (V / S.clamp_min(torch.finfo(acc).tiny).unsqueeze(-2)).mT.contiguous()
+    return U, S, Vt
+
+
+def rsvd(W, rank, niter, oversample, generator):
+    *batch, m, n = W.shape
+    flat = W.reshape(-1, m, n)
+    U, S, Vt = rsvd_grouped(list(flat.unbind(0)), rank, niter, oversample, generator)
+    return U.reshape(*batch, m, rank), S.reshape(*batch, rank), Vt.reshape(*batch, rank, n)
