@@ -8,10 +8,12 @@ fast for many same-shape weights at once:
   in one Triton kernel, :func:`_product_kernel`, over the whole group, reading each weight in
   place through a table of data pointers (no stacked copy of the weights). The other operand
   is float32; how it meets the weight is the precision schedule below.
-- **Re-orthonormalization** is shifted CholeskyQR: the ``[k, k]`` Gram matrix, its Cholesky
-  factor in float64 with a small diagonal shift (so that a rank-deficient block cannot break it)
-  and a product with the inverse factor, all batched; the final basis gets a second, unshifted
-  pass (CholeskyQR2), which makes it orthonormal to float32 precision.
+- **Re-orthonormalization** is shifted CholeskyQR: the ``[k, k]`` Gram matrix (float32-accurate),
+  its Cholesky factor in float64 with a tiny diagonal shift (so that a rank-deficient block
+  cannot break it) and a product with the inverse factor, all batched. Two passes keep the
+  basis well conditioned in the fast iterations; the last iteration's bases get three
+  (shifted CholeskyQR3), orthonormal to float32 precision, checked, with Householder QR for any
+  matrix where that fails (a numerically rank-deficient sketch).
 - **The small SVD** is the eigendecomposition of the projected matrix's ``[k, k]`` Gram matrix in
   float64 (exact to float64 precision for every singular value that matters). cuSOLVER has no
   batched eigensolver that torch uses above 32×32 (torch loops one matrix at a time), so the
@@ -25,8 +27,9 @@ error nor the singular values measurably, because the next iteration damps what 
 adds outside the dominant subspace. The last iteration and the final projection are where the
 rounding would stay, so there the basis is split into a high and a low part (two bfloat16
 products: about 16 significant bits, with the exactly represented bfloat16 weight) or uses
-tf32x3 (float32 accuracy); the Gram matrices and the products with the Ritz vectors use tf32
-in the fast iterations and tf32x3 in the accurate ones. float64 weights run in float64.
+tf32x3 (float32 accuracy). Gram matrices are always tf32x3; the products with the inverse
+Cholesky factors follow the iteration's precision; those with the Ritz vectors are tf32x3.
+float64 weights run in float64.
 """
 
 from __future__ import annotations
@@ -79,6 +82,10 @@ def _product_kernel(
         x_offsets += BLOCK_K * stride_xk
     y = y_ptr + b * stride_yb + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+# Largest |QᵀQ − I| entry accepted from CholeskyQR for a final basis.
+ORTHONORMALITY_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-12}
 
 
 class _Operand:
@@ -135,23 +142,44 @@ def _product(A: _Operand, X: torch.Tensor, *, transpose: bool, accurate: bool) -
     return Y
 
 
+def _cholesky_qr(Y: torch.Tensor, *, accurate: bool, shift: float) -> torch.Tensor:
+    """One pass of shifted CholeskyQR of every ``Y[b]``: ``Y R⁻¹`` with ``RᵀR = YᵀY + s·I``,
+    ``s = shift · u · ‖Y‖²_F`` (u: the unit roundoff of Y's dtype).
+
+    The Gram matrix is always float32-accurate (tf32x3): a tf32 Gram matrix loses every
+    direction of Y below 2⁻¹¹ of its norm, and spectra that decay across the sketch (σ₁/σ_k of
+    a few hundred) then leave a basis that is not even well conditioned. The small shift
+    ``s`` (Fukaya et al. 2020) keeps the factorization defined when Y is numerically rank
+    deficient; it also leaves ``QᵀQ ≈ I − s·R⁻ᵀR⁻¹``, so a last pass that must be orthonormal
+    to working precision is unshifted. Only the product with ``R⁻¹`` follows ``accurate``.
+    """
+    Ys = _Operand.of_batch(Y)
+    gram = _product(Ys, Y, transpose=True, accurate=True).to(torch.float64)
+    unit = 2.0**-52 if Y.dtype == torch.float64 else 2.0**-24
+    if shift:
+        # The floor keeps R⁻¹ finite in Y's dtype when Y is all zeros.
+        size = shift * unit * gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(Y.dtype).tiny)
+        gram.diagonal(dim1=-2, dim2=-1).add_(size.unsqueeze(-1))
+    L, _ = torch.linalg.cholesky_ex(gram)
+    identity = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
+    inverse = torch.linalg.solve_triangular(L.mT, identity, upper=True).to(Y.dtype)
+    return _product(Ys, inverse, transpose=False, accurate=accurate)
+
+
 def _orthonormalize(Y: torch.Tensor, *, accurate: bool) -> torch.Tensor:
-    """An orthonormal basis of the columns of every ``Y[b]`` (shifted CholeskyQR; CholeskyQR2
-    with the shift on the first pass when ``accurate``)."""
-    Q = Y
-    for shifted in (True, False) if accurate else (True,):
-        Qs = _Operand.of_batch(Q)
-        gram = _product(Qs, Q, transpose=True, accurate=accurate).to(torch.float64)
-        if shifted:
-            # Fukaya et al.'s shift keeps the Cholesky factorization defined when Y is (nearly)
-            # rank deficient; its size is the rounding level of the Gram matrix in this mode.
-            unit = 2.0**-24 if accurate or Y.dtype == torch.float64 else 2.0**-11
-            scale = unit * gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(torch.finfo(torch.float64).tiny)
-            gram.diagonal(dim1=-2, dim2=-1).add_(scale.unsqueeze(-1))
-        L, _ = torch.linalg.cholesky_ex(gram)
-        identity = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device).expand_as(L)
-        inverse = torch.linalg.solve_triangular(L.mT, identity, upper=True).to(Y.dtype)
-        Q = _product(Qs, inverse, transpose=False, accurate=accurate)
+    """A basis of the columns of every ``Y[b]``: well conditioned (two CholeskyQR passes) in the
+    fast iterations; orthonormal to float32 precision (three passes, Fukaya et al.'s
+    shifted CholeskyQR3) when ``accurate``, with Householder QR for any matrix where that
+    still fails (numerically rank-deficient Y)."""
+    Q = _cholesky_qr(_cholesky_qr(Y, accurate=accurate, shift=8), accurate=accurate, shift=1)
+    if not accurate:
+        return Q
+    Q = _cholesky_qr(Q, accurate=True, shift=0)
+    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+    loss = (_product(_Operand.of_batch(Q), Q, transpose=True, accurate=True) - eye).abs().amax(dim=(-2, -1))
+    failed = (~(loss <= ORTHONORMALITY_TOLERANCE[Q.dtype])).nonzero().flatten().tolist()  # NaN fails too
+    if failed:
+        Q[failed] = torch.linalg.qr(Y[failed]).Q
     return Q
 
 
