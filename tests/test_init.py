@@ -154,8 +154,19 @@ def test_pretrained_minilm(monkeypatch):
 
 @pytest.mark.gpu
 def test_bfloat16_model_on_gpu():
-    model = nn.ModuleDict({f"l{i}": nn.Linear(4096, 1024 if i % 2 else 4096, dtype=torch.bfloat16, device="cuda") for i in range(6)})
+    """Triton kernels with bfloat16 weights (the interpreter cannot run bfloat16 dots)."""
+    model = nn.ModuleDict({f"l{i}": nn.Linear(1024, 768 if i % 2 else 1024, dtype=torch.bfloat16, device="cuda") for i in range(6)})
+    with torch.no_grad():
+        for layer in model.values():
+            out, inp = layer.weight.shape
+            k = min(out, inp)
+            left = torch.linalg.qr(torch.randn(out, k, device="cuda")).Q
+            right = torch.linalg.qr(torch.randn(inp, k, device="cuda")).Q
+            layer.weight.copy_((left * 0.99 ** torch.arange(k, device="cuda")) @ right.T)
     originals = {name: layer.weight.detach().clone() for name, layer in model.items()}
+    x = torch.randn(5, 1024, device="cuda", dtype=torch.bfloat16)
+    expected = model["l0"](x)
     apply_sorsa(model, r"l\d", 64, init="rsvd", progress=False)
+    assert rel_error(model["l0"](x), expected) <= TOLERANCE[torch.bfloat16]
     for name, layer in model.items():
         check_layer(layer, originals[name], TOLERANCE[torch.bfloat16])

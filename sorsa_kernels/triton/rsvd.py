@@ -6,7 +6,7 @@ fast for many same-shape weights at once:
 
 - **Products with the weights** (the ``2·niter + 2`` passes over them that dominate the cost) run
   in one Triton kernel, :func:`_product_kernel`, over the whole group, reading each weight in
-  place through a table of data pointers (no stacked copy of the weights). The other operand
+  place through a table of element offsets from the first (no stacked copy of the weights). The other operand
   is float32; how it meets the weight is the precision schedule below.
 - **Re-orthonormalization** is shifted CholeskyQR: the ``[k, k]`` Gram matrix (float32-accurate),
   its Cholesky factor in float64 with a tiny diagonal shift (so that a rank-deficient block
@@ -45,23 +45,30 @@ import triton.language as tl
 
 @triton.jit
 def _product_kernel(
-    a_ptrs, a_first, x_ptr, x_lo_ptr, y_ptr,
+    a_offsets, a_first, x_ptr, x_lo_ptr, y_ptr,
     M, N, K,
     stride_am, stride_ak,
     stride_xb, stride_xk, stride_xn,
     stride_yb, stride_ym, stride_yn,
-    SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``Y[b] = op(A[b]) @ X[b]`` (``@ (X + X_lo)`` when SPLIT), A[b] read through the pointer
-    table ``a_ptrs`` (all of a_first's dtype and of the same strides), accumulated in Y's dtype."""
+    """``Y[b] = op(A[b]) @ X[b]`` (``@ (X + X_lo)`` when SPLIT), with ``A[b]`` at
+    ``a_first + a_offsets[b]`` elements (all of one dtype and strides), accumulated in Y's dtype.
+
+    Addressing the matrices by element offsets from one pointer argument (rather than by raw
+    pointers) keeps the compiler's knowledge of its 16-byte alignment: with ALIGNED (every offset
+    a multiple of 16 elements) the tiles of A load as wide vectors."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     tiles_n = tl.cdiv(N, BLOCK_N)
     # Consecutive programs share a row block of A, so its tiles are reused from L2.
     pid_m = pid // tiles_n
     pid_n = pid % tiles_n
-    a_base = tl.load(a_ptrs + b).to(tl.pointer_type(a_first.dtype.element_ty))
+    offset = tl.load(a_offsets + b)
+    if ALIGNED:
+        offset = tl.multiple_of(offset, 16)
+    a_base = a_first + offset
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -96,7 +103,12 @@ class _Operand:
         self.first = first
         self.shape = tuple(first.shape)
         self.strides = first.stride()
-        self.pointers = torch.tensor([a.data_ptr() for a in matrices], dtype=torch.int64, device=first.device)
+        size = first.element_size()
+        offsets = [(a.data_ptr() - first.data_ptr()) // size for a in matrices]
+        if any((a.data_ptr() - first.data_ptr()) % size for a in matrices):
+            raise ValueError("the matrices must be aligned to their element size")
+        self.aligned = all(offset % 16 == 0 for offset in offsets)
+        self.offsets = torch.tensor(offsets, dtype=torch.int64, device=first.device)
 
     @classmethod
     def of_batch(cls, A: torch.Tensor) -> "_Operand":
@@ -130,11 +142,11 @@ def _product(A: _Operand, X: torch.Tensor, *, transpose: bool, accurate: bool) -
     block_k = 64 if operand.element_size() == 2 else 32
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), B)
     _product_kernel[grid](
-        A.pointers, A.first, operand, operand if lo is None else lo, Y,
+        A.offsets, A.first, operand, operand if lo is None else lo, Y,
         M, N, K,
         stride_am, stride_ak,
         *operand.stride(), *Y.stride(),
-        SPLIT=lo is not None, PRECISION=precision,
+        SPLIT=lo is not None, PRECISION=precision, ALIGNED=A.aligned,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=8 if block_m * block_n >= 128 * 128 else 4,
         num_stages=3,
