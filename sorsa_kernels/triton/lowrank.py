@@ -13,7 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_M, BLOCK_N, BLOCK_R, NUM_WARPS = 128, 128, 32, 8
+# (BLOCK_M, BLOCK_N, BLOCK_R, num_warps) by accumulation dtype: a float64 accumulator of
+# 128×128 would not fit in registers.
+BLOCKS = {torch.float32: (128, 128, 32, 8), torch.float64: (64, 64, 16, 4)}
 
 
 @triton.jit
@@ -70,13 +72,14 @@ def subtract_lowrank_(W, U, S, Vt):
     r = U.shape[-1]
     U3, Vt3 = U.reshape(-1, m, r), Vt.reshape(-1, r, n)
     S2 = None if S is None else S.reshape(-1, r)
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N), W3.shape[0])
+    block_m, block_n, block_r, num_warps = BLOCKS[U.dtype]
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), W3.shape[0])
     _subtract_lowrank_kernel[grid](
         W3, U3, U3 if S2 is None else S2, Vt3,
         m, n, r,
         *W3.stride(), *U3.stride(), *((0, 0) if S2 is None else S2.stride()), *Vt3.stride(),
         HAS_S=S2 is not None,
         PRECISION="tf32x3" if U.dtype == torch.float32 else "ieee",
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
-        num_warps=NUM_WARPS,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+        num_warps=num_warps,
     )

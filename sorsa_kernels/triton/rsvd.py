@@ -137,8 +137,10 @@ def _product(A: _Operand, X: torch.Tensor, *, transpose: bool, accurate: bool) -
         operand, precision = X, "ieee"
     else:
         operand, precision = X, ("tf32x3" if accurate else "tf32")
-    block_n = 128 if N > 64 else max(16, triton.next_power_of_2(N))
-    block_m = 128 if M > 64 else 64
+    # float64 tiles are kept at 64×64: a 128×128 float64 accumulator does not fit in registers.
+    wide = 64 if operand.dtype == torch.float64 else 128
+    block_n = wide if N > 64 else max(16, triton.next_power_of_2(N))
+    block_m = wide if M > 64 else 64
     block_k = 64 if operand.element_size() == 2 else 32
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), B)
     _product_kernel[grid](
@@ -149,7 +151,7 @@ def _product(A: _Operand, X: torch.Tensor, *, transpose: bool, accurate: bool) -
         SPLIT=lo is not None, PRECISION=precision, ALIGNED=A.aligned,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=8 if block_m * block_n >= 128 * 128 else 4,
-        num_stages=3,
+        num_stages=3 if operand.element_size() < 8 else 2,
     )
     return Y
 
