@@ -214,7 +214,8 @@ def _eigh_descending(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         values, vectors = torch.linalg.eigh(G)
     else:
         host = G.cpu()
-        workers = max(1, min(len(host), os.cpu_count() or 1))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = max(1, min(len(host), cores))
         pieces = host.chunk(workers)
         with _single_threaded_torch(), concurrent.futures.ThreadPoolExecutor(workers) as pool:
             results = list(pool.map(torch.linalg.eigh, pieces))
