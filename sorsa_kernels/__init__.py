@@ -1,8 +1,9 @@
 """sorsa-kernels: fused kernels for SVD-based low-rank adapters (SORSA, PiSSA, LoRA, SoRA).
 
 Functional ops (each takes ``backend="auto"|"torch"|"triton"|"cuda"``):
-:func:`sorsa_linear`, :func:`ortho_reg`, :func:`ortho_reg_grad_`, :func:`rsvd`, :func:`sora_prox_`.
-Modules: :class:`SORSALinear`, :func:`apply_sorsa`, :func:`sorsa_parameters`,
+:func:`sorsa_linear`, :func:`ortho_reg`, :func:`ortho_reg_grad_`, :func:`rsvd`, :func:`sora_prox_`,
+:func:`subtract_lowrank_`.
+Modules: :class:`SORSALinear`, :func:`apply_sorsa`, :func:`sorsa_init_`, :func:`sorsa_parameters`,
 :func:`apply_ortho_grad_`. PEFT interop (needs ``peft``, imported on first use):
 :func:`export_peft_lora`, :func:`accelerate_peft`, :func:`restore_peft`.
 """
@@ -10,8 +11,8 @@ Modules: :class:`SORSALinear`, :func:`apply_sorsa`, :func:`sorsa_parameters`,
 import importlib
 
 from sorsa_kernels.backends import BackendUnavailableError, available_backends
-from sorsa_kernels.nn import SORSALinear, apply_ortho_grad_, apply_sorsa, sorsa_layers, sorsa_parameters
-from sorsa_kernels.ops import ortho_reg, ortho_reg_grad_, rsvd, sora_prox_, sorsa_linear
+from sorsa_kernels.nn import SORSALinear, apply_ortho_grad_, apply_sorsa, sorsa_init_, sorsa_layers, sorsa_parameters
+from sorsa_kernels.ops import ortho_reg, ortho_reg_grad_, rsvd, sora_prox_, sorsa_linear, subtract_lowrank_
 
 __version__ = "0.1.0"
 
@@ -36,9 +37,11 @@ __all__ = [
     "restore_peft",
     "rsvd",
     "sora_prox_",
+    "sorsa_init_",
     "sorsa_layers",
     "sorsa_linear",
     "sorsa_parameters",
+    "subtract_lowrank_",
 ]
 
 

@@ -34,6 +34,11 @@ IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     },
     "rsvd": {
         "torch": "sorsa_kernels.reference.rsvd",
+        "triton": "sorsa_kernels.triton.rsvd",
+    },
+    "subtract_lowrank": {
+        "torch": "sorsa_kernels.reference.lowrank",
+        "triton": "sorsa_kernels.triton.lowrank",
     },
     "sora_prox": {
         "torch": "sorsa_kernels.reference.sora",

@@ -25,11 +25,12 @@ from torch import nn
 
 from sorsa_kernels.ops._validate import check_number, check_rank
 from sorsa_kernels.ops.linear import sorsa_linear
+from sorsa_kernels.ops.lowrank import subtract_lowrank_
 from sorsa_kernels.ops.rsvd import rsvd
 from sorsa_kernels.reference.linear import accumulation_dtype
 
 MODES = ("sorsa", "pissa", "lora", "sora")
-INITS = ("svd", "rsvd")
+INITS = ("svd", "rsvd", "none")
 
 
 def adapter_scale(rank: int, alpha: float | None) -> float:
@@ -122,9 +123,11 @@ class SORSALinear(nn.Module):
             linear: the layer to adapt.
             rank: adapter rank, ``1 <= rank <= min(in, out)``.
             alpha: scale is ``alpha / rank`` (1 when None).
-            init: ``"svd"`` (exact, ``torch.linalg.svd``) or ``"rsvd"`` (randomized; extra keyword
-                arguments go to :func:`sorsa_kernels.rsvd`). Used by the ``sorsa`` and ``pissa``
-                modes; ``lora`` and ``sora`` start from Kaiming-uniform A and zero B.
+            init: ``"svd"`` (exact, ``torch.linalg.svd``), ``"rsvd"`` (randomized; extra keyword
+                arguments go to :func:`sorsa_kernels.rsvd`) or ``"none"`` (weight untouched, adapter
+                all zeros so the output is the base layer's, for :func:`sorsa_kernels.sorsa_init_`
+                to initialize many layers at once). Used by the ``sorsa`` and ``pissa`` modes;
+                ``lora`` and ``sora`` start from Kaiming-uniform A and zero B.
             mode: ``"sorsa"``, ``"pissa"``, ``"lora"`` or ``"sora"`` (see the module docstring).
             dropout: dropout on the adapter's input (the base path sees x unchanged).
             adapter_dtype: dtype of U, S, Vt (float32 by default, whatever the base dtype).
@@ -137,6 +140,8 @@ class SORSALinear(nn.Module):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if init == "none" and keep_initial and mode in ("sorsa", "pissa"):
+            raise ValueError("keep_initial needs the SVD init: with init='none', call keep_initial_adapter() after sorsa_init_")
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -152,7 +157,10 @@ class SORSALinear(nn.Module):
             base=linear,
         )
         if mode in ("sorsa", "pissa"):
-            layer._init_from_svd(init, generator, rsvd_options)
+            if init == "none":
+                layer._zero_adapter()
+            else:
+                layer._init_from_svd(init, generator, rsvd_options)
         else:
             layer._init_lora(generator)
         if keep_initial:
@@ -160,21 +168,26 @@ class SORSALinear(nn.Module):
         return layer
 
     def _init_from_svd(self, init, generator, rsvd_options):
-        weight = self.weight.to(accumulation_dtype(self.weight.dtype))
         if init == "svd":
+            weight = self.weight.to(accumulation_dtype(self.weight.dtype))
             U, sigma, Vt = torch.linalg.svd(weight, full_matrices=False)
             U, sigma, Vt = U[:, : self.rank], sigma[: self.rank], Vt[: self.rank]
         else:
-            U, sigma, Vt = rsvd(weight, self.rank, generator=generator, **rsvd_options)
+            U, sigma, Vt = rsvd(self.weight, self.rank, generator=generator, **rsvd_options)
         self.set_principal_(U, sigma, Vt)
+
+    def _zero_adapter(self):
+        self.U.zero_()
+        self.Vt.zero_()
+        if self.S is not None:
+            self.S.zero_()
 
     @torch.no_grad()
     def set_principal_(self, U: torch.Tensor, sigma: torch.Tensor, Vt: torch.Tensor) -> None:
         """Initialize the adapter from the top-r SVD ``(U, Σ, Vt)`` of the current weight and
-        replace the weight by the residual ``W − U diag(Σ) Vt`` in place."""
-        weight = self.weight.to(accumulation_dtype(self.weight.dtype))
-        principal = (U * sigma) @ Vt
-        self.weight.copy_(weight - principal.to(weight.dtype))
+        replace the weight by the residual ``W − U diag(Σ) Vt`` in place (one fused pass, see
+        :func:`sorsa_kernels.subtract_lowrank_`; no full-size temporary)."""
+        subtract_lowrank_(self.weight, U, sigma, Vt, backend=self.backend)
         values = sigma / self.scale
         if self.mode == "sorsa":
             self.U.copy_(U)

@@ -3,15 +3,19 @@ orthonormal regularizer to them in a training step."""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from sorsa_kernels.nn.init import format_report, sorsa_init_
 from sorsa_kernels.nn.linear import SORSALinear
 from sorsa_kernels.ops._validate import check_number
 from sorsa_kernels.ops.ortho import ortho_reg_grad_
+
+logger = logging.getLogger("sorsa_kernels")
 
 
 def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
@@ -28,6 +32,7 @@ def apply_sorsa(
     rank: int,
     *,
     freeze_base: bool = True,
+    progress: bool = True,
     **layer_options,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` named by ``target_modules`` with a
@@ -41,8 +46,14 @@ def apply_sorsa(
         rank: adapter rank for every targeted layer.
         freeze_base: set ``requires_grad=False`` on every parameter outside the adapters (those
             of an earlier call included).
+        progress: with ``init="rsvd"``, show the progress bar of :func:`sorsa_init_`.
         **layer_options: passed to :meth:`SORSALinear.from_linear` (``alpha``, ``init``,
             ``mode``, ``dropout``, ``adapter_dtype``, ``backend``, ``generator``, ...).
+            With ``init="rsvd"`` in the ``sorsa``/``pissa`` modes, the layers are built
+            without an SVD and then initialized together by one :func:`sorsa_init_` call
+            (same-shape weights as one batched computation; ``niter``, ``oversample`` and
+            ``generator`` go to it); its per-group report is logged at INFO level on the
+            ``sorsa_kernels`` logger.
 
     Raises:
         ValueError: when no ``nn.Linear`` matches ``target_modules``.
@@ -59,10 +70,24 @@ def apply_sorsa(
         for param in model.parameters():
             if param not in adapters:
                 param.requires_grad_(False)
+    grouped_init = layer_options.get("init") == "rsvd" and layer_options.get("mode", "sorsa") in ("sorsa", "pissa")
+    init_options, keep_initial = {}, False
+    if grouped_init:
+        init_options = {key: layer_options.pop(key) for key in ("niter", "oversample", "generator") if key in layer_options}
+        keep_initial = layer_options.pop("keep_initial", False)  # recorded once the SVD has run
+        layer_options["init"] = "none"
+    layers = []
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, SORSALinear.from_linear(linear, rank, **layer_options))
+        layers.append(SORSALinear.from_linear(linear, rank, **layer_options))
+        setattr(parent, child, layers[-1])
+    if grouped_init:
+        report = sorsa_init_(layers, rank, progress=progress, **init_options)
+        logger.info("sorsa_init_:\n%s", format_report(report))
+        if keep_initial:
+            for layer in layers:
+                layer.keep_initial_adapter()
     return model
 
 

@@ -1,19 +1,50 @@
-"""``rsvd``: randomized truncated SVD, batched over leading dimensions."""
+"""``rsvd`` and ``rsvd_grouped``: randomized truncated SVD of one matrix, a batch, or a group of
+same-shape matrices (a model's layers).
+
+Defaults, measured (``sorsa_kernels/benchmark/init.py`` re-measures them on the GPU): on the
+36 weight matrices of all-MiniLM-L6-v2 (ranks 1–128) and on 4096×4096 matrices with power-law
+spectra ``σ_i ∝ i^-α`` for α = 0.3–0.5 (trained weights fit α ≈ 0.26–0.42), the residual
+``‖W − U diag(S) Vt‖_F`` exceeds the optimal rank-r residual by at most 0.1 % with 4 power
+iterations and 32 extra columns; the singular values need more: every one of the top r within
+1e-3 relative took ``niter=7`` and an oversampling of ``max(rank, 64)`` columns (the smallest
+kept values, next to the cut, converge last: at α = 0.3 ``niter=6`` left 1.6e-3).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from sorsa_kernels.backends import implementation, resolve
 from sorsa_kernels.ops._validate import check_int, check_rank, check_tensor
 
+DEFAULT_NITER = 7
+
+
+def default_oversample(rank: int) -> int:
+    """Extra sketch columns used when ``oversample`` is None: ``max(rank, 64)``."""
+    return max(rank, 64)
+
+
+def _check_options(rank, m, n, niter, oversample, generator, device, what):
+    rank = check_rank(rank, m, n, what)
+    niter = check_int("niter", niter, minimum=0)
+    oversample = default_oversample(rank) if oversample is None else check_int("oversample", oversample, minimum=0)
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != device.type:
+            raise ValueError(f"generator is on {generator.device} but {what} is on {device}")
+    return rank, niter, oversample
+
 
 @torch.no_grad()
 def rsvd(
     W: torch.Tensor,
     rank: int,
-    niter: int = 4,
-    oversample: int = 16,
+    niter: int = DEFAULT_NITER,
+    oversample: int | None = None,
     generator: torch.Generator | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -23,7 +54,7 @@ def rsvd(
         W: matrix or batch of matrices, any float dtype (bfloat16/float16 are computed in float32).
         rank: number of singular triplets, ``1 <= rank <= min(m, n)``.
         niter: power iterations (each re-orthonormalized); more iterations, less excess error.
-        oversample: extra sketch columns beyond ``rank``.
+        oversample: extra sketch columns beyond ``rank`` (None: :func:`default_oversample`).
         generator: a ``torch.Generator`` on W's device for a reproducible sketch.
         backend: see :mod:`sorsa_kernels.backends`.
 
@@ -34,13 +65,46 @@ def rsvd(
     check_tensor("W", W, dims=None)
     if W.dim() < 2:
         raise ValueError(f"W must be a matrix or a batch of matrices [..., m, n], got shape {tuple(W.shape)}")
-    rank = check_rank(rank, W.shape[-2], W.shape[-1], "W")
-    niter = check_int("niter", niter, minimum=0)
-    oversample = check_int("oversample", oversample, minimum=0)
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if generator.device.type != W.device.type:
-            raise ValueError(f"generator is on {generator.device} but W is on {W.device}")
+    rank, niter, oversample = _check_options(rank, W.shape[-2], W.shape[-1], niter, oversample, generator, W.device, "W")
     name = resolve("rsvd", backend, W.device)
     return implementation("rsvd", name).rsvd(W, rank, niter, oversample, generator)
+
+
+@torch.no_grad()
+def rsvd_grouped(
+    weights: Sequence[torch.Tensor],
+    rank: int,
+    niter: int = DEFAULT_NITER,
+    oversample: int | None = None,
+    generator: torch.Generator | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`rsvd` of a group of separate matrices of one shape, as one batched computation.
+
+    The matrices (e.g. the weights of a model's same-shape layers) are read in place: no stacked
+    copy is made on backends that batch them.
+
+    Args:
+        weights: ``B >= 1`` tensors ``[m, n]`` of one dtype, device and strides.
+        rank, niter, oversample, generator, backend: as for :func:`rsvd`.
+
+    Returns:
+        ``(U [B, m, rank], S [B, rank], Vt [B, rank, n])`` as :func:`rsvd` returns them.
+    """
+    if isinstance(weights, torch.Tensor):
+        raise TypeError("weights must be a sequence of tensors (use rsvd for one batched tensor)")
+    weights = list(weights)
+    if not weights:
+        raise ValueError("weights must hold at least one matrix")
+    first = weights[0]
+    for i, W in enumerate(weights):
+        check_tensor(f"weights[{i}]", W, dims=2)
+        if (W.shape, W.dtype, W.device, W.stride()) != (first.shape, first.dtype, first.device, first.stride()):
+            raise ValueError(
+                f"weights[{i}] ({tuple(W.shape)}, {W.dtype}, {W.device}, strides {W.stride()}) differs from "
+                f"weights[0] ({tuple(first.shape)}, {first.dtype}, {first.device}, strides {first.stride()})"
+            )
+    m, n = first.shape
+    rank, niter, oversample = _check_options(rank, m, n, niter, oversample, generator, first.device, "weights[0]")
+    name = resolve("rsvd", backend, first.device)
+    return implementation("rsvd", name).rsvd_grouped(weights, rank, niter, oversample, generator)
