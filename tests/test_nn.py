@@ -196,3 +196,13 @@ def test_bad_targets_and_layers():
         SORSALinear.from_linear(nn.Conv1d(3, 3, 1), rank=1)
     with pytest.raises(ValueError, match="has no S"):
         SORSALinear.from_linear(make_linear(), rank=2, mode="pissa").prune_()
+
+
+def test_grouped_rsvd_init_records_the_initial_adapter_after_the_svd():
+    model = apply_sorsa(tiny_model(), ["up_proj", "down_proj"], rank=4, init="rsvd", keep_initial=True, progress=False)
+    for _, layer in sorsa_layers(model):
+        U0, S0, Vt0 = layer.initial_adapter
+        assert torch.count_nonzero(S0) == 4
+        assert torch.equal(U0, layer.U.detach().cpu()) and torch.equal(Vt0, layer.Vt.detach().cpu())
+    with pytest.raises(ValueError, match="keep_initial needs the SVD init"):
+        SORSALinear.from_linear(make_linear(), rank=2, init="none", keep_initial=True)
