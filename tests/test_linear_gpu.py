@@ -128,3 +128,11 @@ def test_torch_compile_inductor_matches_eager(dtype):
     assert rel_error(compiled, eager) <= tol
     for name, got, want in zip(("x", "U", "S", "Vt"), compiled_grads, eager_grads):
         assert_close(got, want, tol, f"d{name} compiled vs eager")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tensors_on_a_gpu_other_than_the_current():
+    inputs = make_inputs((300, 96), 80, 8, torch.bfloat16, torch.float32)
+    moved = [None if t is None else t.detach().to("cuda:1").requires_grad_(t.requires_grad) for t in inputs]
+    with torch.cuda.device(0):
+        check(moved, 0.5, TOLERANCE[torch.bfloat16])

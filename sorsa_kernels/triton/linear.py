@@ -39,6 +39,7 @@ across programs accumulates with float atomics, so its last bits may vary from r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import struct
@@ -537,18 +538,30 @@ def _contiguous(vector):
     return None if vector is None else vector.contiguous()
 
 
+def _on_device_of(tensor):
+    """Triton launches on the current CUDA device: make it the tensors' (layers of one model may
+    sit on several GPUs)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def forward(x, weight, U, S, Vt, bias, scale):
     rows = x.shape[0]
     y = x.new_empty((rows, U.shape[0]))
     z = x.new_empty((rows, U.shape[1]), dtype=accumulation_dtype(x.dtype))
     if rows == 0:
         return y, z
-    rank_down(x, Vt.T, z)
-    extended_matmul(x, None if weight is None else weight.T, z, U.T, _contiguous(S), scale, _contiguous(bias), y)
+    with _on_device_of(x):
+        rank_down(x, Vt.T, z)
+        extended_matmul(x, None if weight is None else weight.T, z, U.T, _contiguous(S), scale, _contiguous(bias), y)
     return y, z
 
 
 def backward(dy, x, z, weight, U, S, Vt, scale, needs):
+    with _on_device_of(dy):
+        return _backward(dy, x, z, weight, U, S, Vt, scale, needs)
+
+
+def _backward(dy, x, z, weight, U, S, Vt, scale, needs):
     need_dx, need_dU, need_dS, need_dVt = needs
     need_dS = need_dS and S is not None
     acc = z.dtype
