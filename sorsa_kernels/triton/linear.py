@@ -6,7 +6,9 @@ generic kernels, each launched through one function of this module:
 * :func:`extended_matmul` ``c = a·b + ((t ⊙ S·scale) → a's dtype)·tb + bias``: one GEMM whose K
   loop runs over ``b`` and then over the rank-r tail, so the adapter's up-projection costs r more
   K steps of the frozen product and ``c`` is written once.
-* :func:`rank_down` ``out = a·b`` for a skinny ``b [K, r]``: a memory-bound pass over ``a``.
+* :func:`rank_down` ``out = a·b`` for a skinny ``b [K, r]``: a memory-bound pass over ``a``
+  (``b`` wider than ``a`` enters as two roundings, high part and residue, so z and g keep float32
+  accuracy even where their sums cancel).
 * :func:`row_reduction` ``out = aᵀ·(t·scale) ⊙ S`` reducing over the M rows, optionally also
   ``Σ_p out_raw ⊙ w`` into an ``[r]`` vector (how dS is obtained, see below).
 
@@ -30,7 +32,8 @@ sizes, slower than reading dy again at full bandwidth); ``row_reduction`` owns w
 and loops over M itself, needing atomics only across the few M-splits chosen to fill the GPU.
 
 Precision: products accumulate in float32 (float64 for float64 inputs). 16-bit inputs meet the
-adapter operands rounded to their dtype on tensor cores; float32 inputs use full-precision dots
+adapter operands rounded to their dtype on tensor cores (in ``rank_down`` plus the rounding
+residue, see above); float32 inputs use full-precision dots
 unless ``torch.backends.cuda.matmul.allow_tf32`` is set. ``z`` and ``g`` stay in the accumulation
 dtype. Launch configurations are autotuned per shape class on first use (``SORSA_KERNELS_AUTOTUNE=0``
 takes the first configuration each class keeps instead); a configuration that splits a reduction
@@ -163,12 +166,13 @@ def _fits(stages: int, *tiles: tuple[int, int]) -> bool:
 
 
 def _split_choices(tiles: int, length: int, block: int, device) -> list[int]:
-    """1 and the smallest power-of-two split of ``length`` that fills the GPU with ``tiles`` tiles."""
+    """1, the smallest power-of-two split of ``length`` that fills the GPU with ``tiles`` tiles,
+    and half that (each split keeps at least two blocks of the loop)."""
     limit = max(1, triton.cdiv(length, 2 * block))
     split = 1
     while tiles * split < _multiprocessor_count(device) and split * 2 <= limit:
         split *= 2
-    return sorted({1, split})
+    return sorted({1, max(1, split // 2), split})
 
 
 def _operand_class(element_size: int) -> str:
@@ -360,7 +364,7 @@ def extended_matmul(a, b, t, tb, S, scale, bias, out):
 
 _DOWN_CLASSES = _skinny_classes(
     {  # (BLOCK_M, BLOCK_K, warps, stages); float32 multiplies on CUDA cores unless tf32: smaller tiles
-        "16-bit": [(128, 64, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (16, 128, 4, 4), (64, 32, 8, 3), (16, 32, 4, 3)],
+        "16-bit": [(128, 64, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (16, 128, 4, 4), (32, 32, 8, 3), (16, 32, 4, 3)],
         "float32": [(32, 32, 8, 3), (16, 64, 4, 3), (16, 32, 4, 3), (16, 32, 8, 3)],
         "float64": [(16, 8, 4, 1)],
     },
@@ -383,8 +387,9 @@ def _rank_down_kernel(
     a_ptr, b_ptr, out_ptr,
     M, K, RANK, M_BUCKET,
     stride_am, stride_ak, stride_bk, stride_br, stride_om, stride_or,
+    SPLIT,  # runtime: one compiled kernel serves every split (1 is specialized, with plain stores)
     RANK_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
@@ -404,8 +409,14 @@ def _rank_down_kernel(
     for k in range(k_start, k_end, BLOCK_K):
         in_k = offs_k < k_end - (k - k_start)
         a = tl.load(a_ptrs, mask=in_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=in_k[:, None] & (ranks < RANK)[None, :], other=0.0).to(DTYPE)
-        acc = _multiply_accumulate(acc, a, b, PRECISION)
+        b = tl.load(b_ptrs, mask=in_k[:, None] & (ranks < RANK)[None, :], other=0.0)
+        b_high = b.to(DTYPE)
+        acc = _multiply_accumulate(acc, a, b_high, PRECISION)
+        if b.dtype.primitive_bitwidth > a.dtype.primitive_bitwidth:
+            # b wider than a (float32 adapters under 16-bit x): its rounding residue too, or an
+            # element of z or g that cancels (z = Σ x·Vt near 0) keeps only the residue's error.
+            # The pass reads memory far slower than its tensor cores multiply.
+            acc = _multiply_accumulate(acc, a, (b - b_high.to(b.dtype)).to(DTYPE), PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
@@ -464,8 +475,9 @@ def _row_reduction_kernel(
     a_ptr, t_ptr, s_ptr, w_ptr, out_ptr, red_ptr,
     M, P, RANK, scale_hi, scale_lo, M_BUCKET,
     stride_am, stride_ap, stride_tm, stride_tr, stride_wp, stride_wr, stride_op, stride_or,
+    SPLIT,  # runtime: one compiled kernel serves every split (1 is specialized, with plain stores)
     RANK_PAD: tl.constexpr, HAS_S: tl.constexpr, HAS_REDUCTION: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     ACC: tl.constexpr = out_ptr.dtype.element_ty
