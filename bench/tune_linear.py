@@ -144,7 +144,8 @@ def main():
             in_features, out_features = map(int, shape.split("x"))
             for rank in args.ranks:
                 rows.append(measure(m, in_features, out_features, rank))
-                print(f"[{time.time() - start:5.0f}s] " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+                cells = (f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items())
+                print(f"[{time.time() - start:5.0f}s] " + "  ".join(cells), flush=True)
     decode = []
     if not args.no_decode:
         for rank in (16, 128):
@@ -156,9 +157,11 @@ def main():
     print(format_table(rows, ["M", "in->out", "r", "dense fwd", "dense dx", *KERNELS, "sum"]))
     if decode:
         print("\ndecode forward (ms; target ratio <= 1.2): eager, and replayed as a CUDA graph")
-        print(format_table(decode, ["M", "in->out", "r", "dense", "ours", "ratio", "graph dense", "graph ours", "graph ratio", "max err", "check"]))
-    print("\nfwd+bwd and forward against dense (target: ratio <= 1.05 x floor); memory above dense against 4*M*r*2 bytes")
-    print(format_table(rows, ["M", "in->out", "r", "dense", "ours", "ratio", "floor", "fwd ratio", "fwd floor", "mem+ MB", "budget MB", "max err", "check"]))
+        columns = ["M", "in->out", "r", "dense", "ours", "ratio", "graph dense", "graph ours", "graph ratio"]
+        print(format_table(decode, [*columns, "max err", "check"]))
+    print("\nfwd+bwd and forward against dense (target: ratio <= 1.05 x floor); memory above dense vs 4*M*r*2 bytes")
+    columns = ["M", "in->out", "r", "dense", "ours", "ratio", "floor", "fwd ratio", "fwd floor"]
+    print(format_table(rows, [*columns, "mem+ MB", "budget MB", "max err", "check"]))
 
 
 if __name__ == "__main__":

@@ -67,7 +67,8 @@ def test_non_contiguous_3d_input(dtype):
     x, weight, U, S, Vt, bias = make_inputs((4, 130, 2 * 520), 384, 32, dtype, torch.float32)
     strided = x.detach()[:, ::2, ::2].requires_grad_()  # [4, 65, 520], every stride > 1
     check((strided, weight[:, :520], U, S, Vt[:, :520].detach().requires_grad_(), bias), 1.25, TOLERANCE[dtype])
-    transposed = torch.randn(520, 28, device=DEVICE, dtype=dtype).T.reshape(4, 7, 520).requires_grad_()  # rows contiguous
+    # Rows contiguous, columns 28 apart: a view all the way into the kernel.
+    transposed = torch.randn(520, 28, device=DEVICE, dtype=dtype).T.reshape(4, 7, 520).requires_grad_()
     check((transposed, weight[:, :520], U, S, Vt[:, :520].detach().requires_grad_(), bias), 1.25, TOLERANCE[dtype])
 
 

@@ -23,8 +23,8 @@ The six products of one training step::
 
 ``dS = scale·Σ_m z ⊙ g`` needs both the M×r products; it comes out of dU's pass instead, as
 ``dS_j = Σ_o U_oj · (scale·dyᵀ z)_oj``, so that ``rank_down`` stays a plain product that may split
-its K loop across programs (on the backward's ``g`` the split is worth several times its cost: a
-program's re-reads of ``U`` from L2 otherwise dominate).
+its K loop across programs (an estimate, not yet a measurement: unsplit, each row tile of ``g``
+re-reads all of ``U`` from L2, more bytes than its share of dy).
 
 dU takes a second pass over dy rather than sharing ``rank_down``'s: a pass tiled over rows must
 reduce dU's ``[out, r]`` across ``M/BLOCK_M`` row tiles with atomics (tens of millions at training
@@ -33,9 +33,10 @@ and loops over M itself, needing atomics only across the few M-splits chosen to 
 
 Precision: products accumulate in float32 (float64 for float64 inputs). 16-bit inputs meet the
 adapter operands rounded to their dtype on tensor cores (in ``rank_down`` plus the rounding
-residue, see above); float32 inputs use full-precision dots
-unless ``torch.backends.cuda.matmul.allow_tf32`` is set. ``z`` and ``g`` stay in the accumulation
-dtype. Launch configurations are autotuned per shape class on first use (``SORSA_KERNELS_AUTOTUNE=0``
+residue, see above); float32 inputs use full-precision dots unless
+``torch.backends.cuda.matmul.allow_tf32`` is set. ``z`` and ``g`` stay in the accumulation dtype.
+
+Launch configurations are autotuned per shape class on first use (``SORSA_KERNELS_AUTOTUNE=0``
 takes the first configuration each class keeps instead); a configuration that splits a reduction
 across programs accumulates with float atomics, so its last bits may vary from run to run.
 """
@@ -228,7 +229,13 @@ _MATMUL_CLASSES = {  # shape class -> [(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
     "many rows": [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4)],
     "many rows, float32": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)],
     # Decode and other few-row shapes: the product is a read of b, spread over many column tiles.
-    "few rows": [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4), (64, 64, 128, 4, 3), (16, 32, 256, 4, 3)],
+    "few rows": [
+        (16, 64, 128, 4, 4),
+        (16, 128, 128, 4, 3),
+        (32, 64, 128, 4, 4),
+        (64, 64, 128, 4, 3),
+        (16, 32, 256, 4, 3),
+    ],
     "float64": [(32, 32, 8, 4, 1)],
 }
 _MATMUL_CLASSES = {
@@ -242,12 +249,12 @@ def _prune_matmul(configs, args, **kwargs):
     if size == 8:
         return _MATMUL_CLASSES["float64"]
     name = "few rows" if rows <= 64 else "many rows, float32" if size == 4 else "many rows"
-    return [
-        c
-        for c in _MATMUL_CLASSES[name]
-        if c.kwargs["BLOCK_M"] <= max(16, rows)
-        and _fits(c.num_stages, (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"], size), (c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"], size))
-    ]
+    kept = []
+    for c in _MATMUL_CLASSES[name]:
+        block_m, block_n, block_k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if block_m <= max(16, rows) and _fits(c.num_stages, (block_m * block_k, size), (block_k * block_n, size)):
+            kept.append(c)
+    return kept
 
 
 def _tail_width(args):
@@ -372,7 +379,12 @@ _DOWN_CLASSES = _skinny_classes(
     step="BLOCK_K",
 )
 _prune_down = _skinny_prune(
-    _DOWN_CLASSES, "BLOCK_M", "BLOCK_K", tiled=lambda args: args["M_BUCKET"], split=lambda args: args["K"], skinny="b_ptr"
+    _DOWN_CLASSES,
+    "BLOCK_M",
+    "BLOCK_K",
+    tiled=lambda args: args["M_BUCKET"],
+    split=lambda args: args["K"],
+    skinny="b_ptr",
 )
 
 
@@ -460,7 +472,12 @@ _REDUCTION_CLASSES = _skinny_classes(
     step="BLOCK_M",
 )
 _prune_reduction = _skinny_prune(
-    _REDUCTION_CLASSES, "BLOCK_P", "BLOCK_M", tiled=lambda args: args["P"], split=lambda args: args["M_BUCKET"], skinny="t_ptr"
+    _REDUCTION_CLASSES,
+    "BLOCK_P",
+    "BLOCK_M",
+    tiled=lambda args: args["P"],
+    split=lambda args: args["M_BUCKET"],
+    skinny="t_ptr",
 )
 
 
