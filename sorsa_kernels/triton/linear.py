@@ -441,8 +441,8 @@ def _rank_down_kernel(
 
 
 def rank_down(a, b, out):
-    """``out = a·b``: a ``[M, K]`` (any float dtype), b ``[K, r]`` (any float dtype, rounded to
-    a's), out ``[M, r]`` in a's accumulation dtype; any strides."""
+    """``out = a·b``: a ``[M, K]`` (any float dtype), b ``[K, r]`` (any float dtype; wider than a's,
+    it enters as a's rounding plus the residue), out ``[M, r]`` in a's accumulation dtype; any strides."""
     rows, inner = a.shape
     rank = b.shape[1]
 
