@@ -26,6 +26,7 @@ BACKENDS = ("torch", "triton", "cuda")
 # op -> backend -> module holding that backend's implementation (imported on first use).
 IMPLEMENTATIONS: dict[str, dict[str, str]] = {
     "sorsa_linear": {
+        "triton": "sorsa_kernels.triton.linear",
         "torch": "sorsa_kernels.reference.linear",
     },
     "ortho_reg": {

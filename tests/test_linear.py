@@ -77,7 +77,10 @@ def test_matches_float64_oracle(backend, x_shape, out_features, rank, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("with_S,with_bias,with_weight", [(False, True, True), (True, False, True), (True, True, False), (False, False, True)])
+@pytest.mark.parametrize(
+    "with_S,with_bias,with_weight",
+    [(False, True, True), (True, False, True), (True, True, False), (False, False, True), (False, True, False), (False, False, False)],
+)
 def test_optional_parts(backend, with_S, with_bias, with_weight):
     inputs = make_inputs((37, 45), 29, 7, torch.float32, torch.float32, with_S=with_S, with_bias=with_bias, with_weight=with_weight)
     check_against_oracle(backend, inputs, 1.5, TOLERANCE[torch.float32])
@@ -105,6 +108,38 @@ def test_non_contiguous_input(backend):
     transposed = torch.randn(45, 25, device=DEVICE).T.requires_grad_()
     for view in (strided, transposed):
         check_against_oracle(backend, (view, weight[:, :45], U, S, Vt[:, :45].detach().requires_grad_(), bias), 0.8, 1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "x_shape,out_features,rank,scale",
+    [((1000, 131), 150, 128, 0.25), ((5, 257), 259, 256, -1.75), ((7, 300), 18, 1, 3.0)],
+    ids=["M1000-r128", "r256", "r1-wide"],
+)
+def test_ranks_and_rows_beyond_one_tile(backend, x_shape, out_features, rank, scale):
+    inputs = make_inputs(x_shape, out_features, rank, torch.float32, torch.float32)
+    check_against_oracle(backend, inputs, scale, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x_shape", [(0, 24), (2, 0, 24)])
+def test_no_rows(backend, x_shape):
+    inputs = make_inputs(x_shape, 20, 4, torch.float32, torch.float32)
+    check_against_oracle(backend, inputs, 0.5, TOLERANCE[torch.float32])
+    x, weight, U, S, Vt, bias = inputs
+    y = sorsa_linear(x, weight, U, S, Vt, bias, 0.5, backend=backend)
+    grads = torch.autograd.grad(y.sum(), (U, S, Vt))
+    assert all(g.abs().sum() == 0 for g in grads), "gradients over no rows must be zero"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_row_stride_and_other_bias_dtype(backend):
+    rows, in_features, row_stride = 3, 45, 1_000_003
+    _, weight, U, S, Vt, _ = make_inputs((rows, in_features), 31, 6, torch.float32, torch.float32)
+    storage = torch.randn((rows - 1) * row_stride + in_features, device=DEVICE)
+    x = storage.as_strided((rows, in_features), (row_stride, 1)).requires_grad_()
+    bias = torch.randn(31, device=DEVICE, dtype=torch.float64)
+    check_against_oracle(backend, (x, weight, U, S, Vt, bias), 0.8, TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,0 +1,168 @@
+"""Where the time of the Triton ``sorsa_linear`` goes, next to the dense frozen GEMM (one GPU call).
+
+From the repository root, with the package importable (installed, or ``PYTHONPATH=.``)::
+
+    python bench/tune_linear.py                 # the training shapes, then the decode rows
+    python bench/tune_linear.py --rows 4096 --ranks 128 --shapes 4096x4096 --no-decode
+
+For each shape (bf16 x and weight, float32 adapters, frozen base, x needing grad) it times with
+``do_bench`` medians: dense = ``F.linear`` forward + the dx backward; ours = the op's forward +
+backward (dx, dU, dS, dVt); forward alone against ``F.linear``; each of our six kernel launches
+alone next to the two dense GEMMs; the peak memory above the dense step against the budget
+``4·M·r·2`` bytes; and the largest relative difference of our outputs from the torch backend
+(flagged MISMATCH above 2e-2: a wrong autotuned config). Targets: fwd+bwd ratio ≤ 1.05 × floor
+with floor = 1 + 1.5·r(in+out)/(in·out); forward ratio ≤ 1.05 × (1 + r(in+out)/(in·out));
+decode forward ≤ 1.2 × the dense product (timed eager, and replayed as a CUDA graph, which
+removes the Python launch cost). Autotuning happens on first use of each shape, before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sorsa_kernels import sorsa_linear
+from sorsa_kernels.benchmark.common import format_table, median_ms, peak_memory_mb, write_results
+from sorsa_kernels.triton import linear as kernels
+
+SHAPES = ["4096x4096", "4096x11008", "11008x4096", "4096x14336", "4096x1024"]
+KERNELS = ["z", "y", "dU+dS", "g", "dx", "dVt"]
+MISMATCH = 2e-2  # relative difference from the torch backend that flags an autotuned config as wrong
+
+
+def timed(fn):
+    fn()  # compile and autotune outside the timing
+    return median_ms(fn, warmup_ms=10, rep_ms=50)
+
+
+def rel_diff(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def measure(rows, in_features, out_features, rank, scale=0.5, device="cuda"):
+    cuda = dict(device=device)
+    x = torch.randn(rows, in_features, dtype=torch.bfloat16, **cuda).requires_grad_()
+    weight = (torch.randn(out_features, in_features, **cuda) / in_features**0.5).to(torch.bfloat16)
+    U = (torch.randn(out_features, rank, **cuda) / out_features**0.5).requires_grad_()
+    S = (torch.rand(rank, **cuda) + 0.5).requires_grad_()
+    Vt = (torch.randn(rank, in_features, **cuda) / in_features**0.5).requires_grad_()
+    dy = torch.randn(rows, out_features, dtype=torch.bfloat16, **cuda)
+    leaves = (x, U, S, Vt)
+
+    def dense_step():
+        return torch.autograd.grad(F.linear(x, weight), x, dy)
+
+    def our_step(backend="triton"):
+        return torch.autograd.grad(sorsa_linear(x, weight, U, S, Vt, None, scale, backend=backend), leaves, dy)
+
+    def our_outputs(backend):
+        y = sorsa_linear(x, weight, U, S, Vt, None, scale, backend=backend)
+        return (y.detach(), *torch.autograd.grad(y, leaves, dy))
+
+    row = {"M": rows, "in->out": f"{in_features}->{out_features}", "r": rank}
+    row["dense"] = timed(dense_step)
+    row["ours"] = timed(our_step)
+    row["ratio"] = row["ours"] / row["dense"]
+    row["floor"] = 1 + 1.5 * rank * (in_features + out_features) / (in_features * out_features)
+    with torch.no_grad():
+        row["dense fwd"] = timed(lambda: F.linear(x, weight))
+        row["ours fwd"] = timed(lambda: sorsa_linear(x, weight, U, S, Vt, None, scale, backend="triton"))
+    row["fwd ratio"] = row["ours fwd"] / row["dense fwd"]
+    row["fwd floor"] = 1 + rank * (in_features + out_features) / (in_features * out_features)
+    row["dense dx"] = timed(lambda: dy @ weight)
+
+    # Each launch of one step alone, on the buffers the step would use.
+    xd, Ud, Sd, Vtd = (t.detach() for t in leaves)
+    z = torch.empty(rows, rank, **cuda)
+    g = torch.empty_like(z)
+    y, dx = torch.empty_like(dy), torch.empty_like(xd)
+    dU, dS, dVt = torch.empty_like(Ud), torch.empty_like(Sd), torch.empty_like(Vtd)
+    launches = {
+        "z": lambda: kernels.rank_down(xd, Vtd.T, z),
+        "y": lambda: kernels.extended_matmul(xd, weight.T, z, Ud.T, Sd, scale, None, y),
+        "dU+dS": lambda: kernels.row_reduction(dy, z, Sd, scale, dU, w=Ud, red=dS),
+        "g": lambda: kernels.rank_down(dy, Ud, g),
+        "dx": lambda: kernels.extended_matmul(dy, weight, g, Vtd, Sd, scale, None, dx),
+        "dVt": lambda: kernels.row_reduction(xd, g, Sd, scale, dVt.T),
+    }
+    for name, launch in launches.items():
+        row[name] = timed(launch)
+    row["sum"] = sum(row[name] for name in KERNELS)
+
+    dense_peak, our_peak = peak_memory_mb(dense_step), peak_memory_mb(our_step)
+    row["mem+ MB"] = None if dense_peak is None else our_peak - dense_peak
+    row["budget MB"] = 4 * rows * rank * 2 / 2**20
+    row["max err"] = max(rel_diff(a, b) for a, b in zip(our_outputs("triton"), our_outputs("torch")))
+    row["check"] = "ok" if row["max err"] <= MISMATCH else "MISMATCH"
+    return row
+
+
+def measure_decode(rows, features, rank, scale=0.5):
+    from triton.testing import do_bench_cudagraph
+
+    cuda = dict(device="cuda")
+    x = torch.randn(rows, features, dtype=torch.bfloat16, **cuda)
+    weight = (torch.randn(features, features, **cuda) / features**0.5).to(torch.bfloat16)
+    U, Vt = torch.randn(features, rank, **cuda) / features**0.5, torch.randn(rank, features, **cuda) / features**0.5
+    S = torch.rand(rank, **cuda) + 0.5
+    with torch.no_grad():
+
+        def ours():
+            return sorsa_linear(x, weight, U, S, Vt, None, scale, backend="triton")
+
+        def dense():
+            return F.linear(x, weight)
+
+        row = {"M": rows, "in->out": f"{features}->{features}", "r": rank}
+        row["dense"], row["ours"] = timed(dense), timed(ours)
+        row["ratio"] = row["ours"] / row["dense"]
+        row["graph dense"] = do_bench_cudagraph(dense, rep=20, return_mode="median")
+        row["graph ours"] = do_bench_cudagraph(ours, rep=20, return_mode="median")
+        row["graph ratio"] = row["graph ours"] / row["graph dense"]
+        row["max err"] = rel_diff(ours(), sorsa_linear(x, weight, U, S, Vt, None, scale, backend="torch"))
+        row["check"] = "ok" if row["max err"] <= MISMATCH else "MISMATCH"
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--shapes", nargs="+", default=SHAPES, help="IN x OUT, e.g. 4096x11008")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64, 128])
+    parser.add_argument("--no-decode", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/tune_linear.py times GPU kernels: run it on a CUDA machine")
+
+    start = time.time()
+    rows = []
+    for m in args.rows:
+        for shape in args.shapes:
+            in_features, out_features = map(int, shape.split("x"))
+            for rank in args.ranks:
+                rows.append(measure(m, in_features, out_features, rank))
+                cells = (f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items())
+                print(f"[{time.time() - start:5.0f}s] " + "  ".join(cells), flush=True)
+    decode = []
+    if not args.no_decode:
+        for rank in (16, 128):
+            for m in (1, 8, 64):
+                decode.append(measure_decode(m, 4096, rank))
+    path = write_results("tune_linear", rows + decode)
+    print(f"\n{torch.cuda.get_device_name()}, {time.time() - start:.0f}s in all; results in {path}; times in ms")
+    print("\nkernels alone (ms): ours z, y (forward) and dU+dS, g, dx, dVt (backward) next to the dense GEMMs")
+    print(format_table(rows, ["M", "in->out", "r", "dense fwd", "dense dx", *KERNELS, "sum"]))
+    if decode:
+        print("\ndecode forward (ms; target ratio <= 1.2): eager, and replayed as a CUDA graph")
+        columns = ["M", "in->out", "r", "dense", "ours", "ratio", "graph dense", "graph ours", "graph ratio"]
+        print(format_table(decode, [*columns, "max err", "check"]))
+    print("\nfwd+bwd and forward against dense (target: ratio <= 1.05 x floor); memory above dense vs 4*M*r*2 bytes")
+    columns = ["M", "in->out", "r", "dense", "ours", "ratio", "floor", "fwd ratio", "fwd floor"]
+    print(format_table(rows, [*columns, "mem+ MB", "budget MB", "max err", "check"]))
+
+
+if __name__ == "__main__":
+    main()
