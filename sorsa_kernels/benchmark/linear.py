@@ -149,33 +149,34 @@ def measure_inference(tokens, in_features, out_features, rank, device) -> dict:
     )
 
 
-def run(quick: bool) -> dict[str, list[dict]]:
-    """All measurements: the full H100 grid, or (``quick``) a small CPU configuration."""
-    device = torch.device("cpu" if quick else "cuda")
+def run(quick: bool, tokens=GPU_TOKENS, shapes=GPU_SHAPES, ranks=GPU_RANKS, decode=DECODE_TOKENS) -> dict[str, list[dict]]:
+    """All measurements: the H100 grid (or a part of it), or (``quick``) a small CPU configuration."""
     if quick:
+        device = torch.device("cpu")
         training = [measure_training(m, i, o, r, device) for m, i, o, r in CPU_CONFIGS]
         inference = [measure_inference(m, i, o, r, device) for m, i, o, r in CPU_CONFIGS]
         return {"training": training, "inference": inference}
+    device = torch.device("cuda")
     training, inference = [], []
-    for tokens in GPU_TOKENS:
-        for in_features, out_features in GPU_SHAPES:
-            for rank in GPU_RANKS:
-                training.append(measure_training(tokens, in_features, out_features, rank, device))
-                inference.append(measure_inference(tokens, in_features, out_features, rank, device))
+    for m in tokens:
+        for in_features, out_features in shapes:
+            for rank in ranks:
+                training.append(measure_training(m, in_features, out_features, rank, device))
+                inference.append(measure_inference(m, in_features, out_features, rank, device))
                 torch.cuda.empty_cache()
-    for tokens in DECODE_TOKENS:
-        for in_features, out_features in GPU_SHAPES:
-            inference.append(measure_inference(tokens, in_features, out_features, 128, device))
+    for m in decode:
+        for in_features, out_features in shapes:
+            inference.append(measure_inference(m, in_features, out_features, 128, device))
     return {"training": training, "inference": inference}
 
 
 TRAINING_COLUMNS = ["tokens", "in_features", "out_features", "rank", "dense_ms", "ours_ratio", "floor",
-                    "peft_lora_ratio", "naive_ratio", "reference_ratio"]
+                    "peft_lora_ratio", "naive_ratio", "reference_ratio", "extra_peak_mb", "extra_peak_budget_mb"]
 INFERENCE_COLUMNS = ["tokens", "in_features", "out_features", "rank", "dense_ms", "ours_ratio", "floor"]
 
 
-def main(quick: bool, out_dir: str = "bench/results") -> None:
-    results = run(quick)
+def main(quick: bool, out_dir: str = "bench/results", **grid) -> None:
+    results = run(quick, **grid)
     print(format_table(results["training"], TRAINING_COLUMNS))
     print(format_table(results["inference"], INFERENCE_COLUMNS))
     path = write_results("linear", results["training"] + results["inference"], out_dir, quick=quick)
@@ -183,4 +184,14 @@ def main(quick: bool, out_dir: str = "bench/results") -> None:
 
 
 if __name__ == "__main__":
-    main(quick=not torch.cuda.is_available())
+    import argparse
+
+    parser = argparse.ArgumentParser(description="the adapter linear against the frozen GEMM and its peers")
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(GPU_TOKENS))
+    parser.add_argument("--shapes", nargs="+", default=[f"{i}x{o}" for i, o in GPU_SHAPES], help="IN x OUT")
+    parser.add_argument("--ranks", type=int, nargs="+", default=list(GPU_RANKS))
+    parser.add_argument("--decode", type=int, nargs="*", default=list(DECODE_TOKENS))
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+    shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes]
+    main(not torch.cuda.is_available(), args.out, tokens=args.tokens, shapes=shapes, ranks=args.ranks, decode=args.decode)
