@@ -22,10 +22,13 @@ Backend interface of ``rsvd`` (every backend module implements these functions):
     being started and the previous one's result is still pending (how ``sorsa_init_`` sizes
     its chunks).
 
-This version is the textbook range finder (Halko, Martinsson & Tropp 2011, algorithm 4.4):
-a Gaussian sketch of ``rank + oversample`` columns, ``niter`` power iterations, each product
-re-orthonormalized by Householder QR, then the exact SVD of the small projected matrix, all in
-float32 (float64 for float64 inputs). Groups are processed one matrix at a time.
+This version is the range finder of Halko, Martinsson & Tropp (2011, algorithm 4.4) with
+shifted power iterations: a Gaussian sketch of ``k = rank + oversample`` columns, then
+``niter`` times ``Q ← qr((AAᵀ − μI)Q)`` with ``μ`` half of ``σ_min(R) + μ_previous`` from the
+previous QR factor (``R`` of ``(AAᵀ − μI)Q``): that lies below ``λ_k(AAᵀ)``, so the shift
+only speeds the top ``rank`` up (see :mod:`sorsa_kernels.triton.rsvd` for why and how much),
+then the exact SVD of the small projected matrix; Householder QR and all products in float32
+(float64 for float64 inputs). Groups are processed one matrix at a time.
 """
 
 from __future__ import annotations
@@ -41,9 +44,10 @@ def rsvd(W, rank, niter, oversample, generator):
     width = min(rank + oversample, m, n)
     sketch = torch.randn(*batch, n, width, generator=generator, device=A.device, dtype=A.dtype)
     Q = torch.linalg.qr(A @ sketch).Q
+    shift = torch.zeros(batch, dtype=A.dtype, device=A.device)
     for _ in range(niter):
-        Q = torch.linalg.qr(A.mT @ Q).Q
-        Q = torch.linalg.qr(A @ Q).Q
+        Q, R = torch.linalg.qr(A @ (A.mT @ Q) - shift[..., None, None] * Q)
+        shift = (torch.linalg.svdvals(R)[..., -1] + shift) / 2
     U_small, S, Vt = torch.linalg.svd(Q.mT @ A, full_matrices=False)
     U = Q @ U_small
     return U[..., :rank], S[..., :rank], Vt[..., :rank, :]

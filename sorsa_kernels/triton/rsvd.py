@@ -314,6 +314,37 @@ def _eigenvectors_into(destination: torch.Tensor, gram: torch.Tensor, ready) -> 
     destination.copy_(torch.linalg.eigh(gram).eigenvectors)
 
 
+class _HostEigenvectors:
+    """Host buffers of :func:`start_host_eigenvectors`: ``values`` (the eigenvectors, filled by
+    the workers) and ``failed`` (the flags copied along with the matrices)."""
+
+    def __init__(self, values, failed):
+        self.values, self.failed = values, failed
+
+
+def start_host_eigenvectors(gram: torch.Tensor, dtype: torch.dtype, flags: torch.Tensor):
+    """Copy the symmetric ``gram [B, k, k]`` to the host in ``dtype`` and solve the eigenproblems
+    there on the worker threads, without waiting: returns the host buffers and the futures (the
+    eigenvectors, in ascending order of eigenvalue, are in ``buffers.values`` once they are all
+    done). ``flags [B]`` travel to the host with the matrices (``buffers.failed``)."""
+    pinned = gram.device.type == "cuda"
+    host_gram = torch.empty(gram.shape, dtype=dtype, pin_memory=pinned)
+    host_gram.copy_(gram, non_blocking=pinned)
+    failed = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=pinned)
+    failed.copy_(flags, non_blocking=pinned)
+    ready = None
+    if pinned:
+        ready = torch.cuda.Event()
+        ready.record()
+    vectors = torch.empty(gram.shape, dtype=dtype, pin_memory=pinned)
+    pool, workers = _host_pool()
+    futures = [
+        pool.submit(_eigenvectors_into, part, piece, ready)
+        for part, piece in zip(vectors.chunk(workers), host_gram.chunk(workers))
+    ]
+    return _HostEigenvectors(vectors, failed), futures
+
+
 def working_bytes(m: int, n: int, rank: int, oversample: int, dtype: torch.dtype) -> int:
     """Upper bound of the GPU memory one matrix needs beyond its weight while its chunk runs
     :func:`rsvd_grouped_start` and the previous chunk's :meth:`_PendingRSVD.result` is pending
@@ -334,11 +365,11 @@ def working_bytes(m: int, n: int, rank: int, oversample: int, dtype: torch.dtype
 class _PendingRSVD:
     """What :func:`rsvd_grouped_start` leaves running: call :meth:`result` for ``(U, S, Vt)``."""
 
-    def __init__(self, weights, rank, niter, oversample, generator, transposed, Q, Bt, gram, vectors, failed, futures):
+    def __init__(self, weights, rank, niter, oversample, generator, transposed, Q, Bt, gram, host, futures):
         self._args = (weights, rank, niter, oversample, generator)
         self._transposed = transposed
         self._Q, self._Bt, self._gram = Q, Bt, gram
-        self._vectors, self._failed, self._futures = vectors, failed, futures
+        self._host, self._futures = host, futures
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         weights, rank, niter, oversample, generator = self._args
@@ -349,7 +380,7 @@ class _PendingRSVD:
             # The workers' torch.set_num_threads(1) also set the default of threads yet to
             # start; this thread's own count puts it back.
             torch.set_num_threads(torch.get_num_threads())
-            vectors = self._vectors.to(device, non_blocking=True)
+            vectors = self._host.values.to(device, non_blocking=True)
         with stage("eigenvector refinement", device):
             values, vectors = _refine_eigenvectors(self._gram, vectors.to(torch.float64).flip(-1))
             values, order = values.sort(dim=-1, descending=True)
@@ -363,7 +394,7 @@ class _PendingRSVD:
             right = _product(_Operand.of_batch(self._Bt), ritz, transpose=False, precision="accurate")  # Bt·E = V·diag(S)
             right /= S.clamp_min(torch.finfo(acc).tiny).unsqueeze(-2)
             U, Vt = (right, left.mT.contiguous()) if self._transposed else (left, right.mT.contiguous())
-        failed = self._failed.nonzero().flatten().tolist()
+        failed = self._host.failed.nonzero().flatten().tolist()
         if failed:
             with stage("rank-deficient fallback", device):
                 U[failed], S[failed], Vt[failed] = reference.rsvd_grouped(
@@ -411,26 +442,11 @@ def rsvd_grouped_start(weights, rank, niter, oversample, generator) -> _PendingR
         Bt = _product(X, Q, transpose=True, precision="accurate")  # (Qᵀ X)ᵀ, [B, large, k]
         gram = _product(_Operand.of_batch(Bt), Bt, transpose=True, precision="float64")
     with stage("small eigh (host, incl. transfers)", device):
-        host_dtype = torch.float64 if acc == torch.float64 else torch.float32
-        pinned = device.type == "cuda"
-        host_gram = torch.empty(gram.shape, dtype=host_dtype, pin_memory=pinned)
-        host_gram.copy_(gram, non_blocking=pinned)
-        failed = torch.empty(count, dtype=torch.bool, pin_memory=pinned)
-        failed.copy_(~orthonormal, non_blocking=pinned)
-        ready = None
-        if pinned:
-            ready = torch.cuda.Event()
-            ready.record()
-        vectors = torch.empty(gram.shape, dtype=host_dtype, pin_memory=pinned)
-        pool, workers = _host_pool()
-        futures = [
-            pool.submit(_eigenvectors_into, part, piece, ready)
-            for part, piece in zip(vectors.chunk(workers), host_gram.chunk(workers))
-        ]
+        host, futures = start_host_eigenvectors(gram, acc, ~orthonormal)
         if recording():  # a stage timing run measures the host work alone, not overlapped
             for future in futures:
                 future.result()
-    return _PendingRSVD(weights, rank, niter, oversample, generator, transposed, Q, Bt, gram, vectors, failed, futures)
+    return _PendingRSVD(weights, rank, niter, oversample, generator, transposed, Q, Bt, gram, host, futures)
 
 
 def rsvd_grouped(weights, rank, niter, oversample, generator):
