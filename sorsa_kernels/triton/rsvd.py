@@ -352,13 +352,15 @@ def working_bytes(m: int, n: int, rank: int, oversample: int, dtype: torch.dtype
     small, large = min(m, n), max(m, n)
     k = min(rank + oversample, small)
     element = 8 if dtype == torch.float64 else 4
-    # Kept from start to result: the basis, the projection and its Gram matrix.
+    fast = 2 if dtype == torch.bfloat16 else element
+    matrices = 8 * 8 * k * k  # float64 [k, k] Gram matrices, factors, inverses, refinement
+    # Kept from start to result, by both chunks: the basis, the projection, its Gram matrix.
     held = element * k * (small + large) + 8 * k * k
-    # Live at once at worst while running: the sketch or the intermediate product (large side),
-    # three basis-sized blocks and the bfloat16 split operands; the float64 small matrices.
-    running = element * k * (large + 3 * small) + 4 * k * (small + large) + 8 * 8 * k * k
-    # The result: Ritz vectors and the outputs (and their transposed copies).
-    finishing = 2 * element * rank * (small + large) + 8 * 8 * k * k
+    # Live at once at worst while a chunk starts: the sketch or the intermediate product (large
+    # side, fast dtype) and three basis-sized blocks (product, CholeskyQR passes, split operands).
+    running = fast * k * large + 3 * element * k * small + matrices
+    # While the previous chunk finishes: the Ritz vectors and the outputs.
+    finishing = 2 * element * rank * (small + large) + matrices
     return 2 * held + max(running, finishing)
 
 
