@@ -57,6 +57,8 @@ PROJECTIONS = {
 FULL = dict(layers=32, scale=1, rank=128, dtype=torch.bfloat16, device="cuda", chunk=32,
             sweep=[(4, 128), (5, 128), (6, 96), (6, 128), (7, 128)])
 QUICK = dict(layers=2, scale=64, rank=8, dtype=torch.bfloat16, device="cpu", chunk=4, sweep=[(4, 64), (6, 64)])
+# Tilings of the product kernel compared with its default (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
+PRODUCT_BLOCKS = [None, (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (256, 128, 64, 8, 3)]
 COLUMNS = ["config", "method", "seconds", "excess_max", "sigma_error_max", "peak_extra_mb", "note"]
 
 
@@ -326,10 +328,13 @@ def bench_products(config, name):
         Q = torch.linalg.qr(torch.randn(count, small, k, device=config["device"])).Q
         flops = 2 * small * large * k * count
         P = triton_rsvd._product(X, Q, transpose=True, precision="fast", out_dtype=torch.bfloat16)
-        timings = {
-            "triton Xᵀ·Q (bf16 out)": median_ms(lambda: triton_rsvd._product(X, Q, transpose=True, precision="fast", out_dtype=torch.bfloat16)),
-            "triton X·P (fp32 out)": median_ms(lambda: triton_rsvd._product(X, P, transpose=False, precision="fast")),
-        }
+        timings = {}
+        for blocks in PRODUCT_BLOCKS:
+            label = "default tiles" if blocks is None else "tiles {}x{}x{} w{} s{}".format(*blocks)
+            timings[f"triton Xᵀ·Q (bf16 out), {label}"] = median_ms(
+                lambda: triton_rsvd._product(X, Q, transpose=True, precision="fast", out_dtype=torch.bfloat16, blocks=blocks))
+            timings[f"triton X·P (fp32 out), {label}"] = median_ms(
+                lambda: triton_rsvd._product(X, P, transpose=False, precision="fast", blocks=blocks))
         copy_ms = median_ms(lambda: torch.stack(weights))
         stacked = torch.stack(weights)
         Xs = stacked.mT if transposed else stacked
