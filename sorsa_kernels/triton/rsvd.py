@@ -301,16 +301,18 @@ _pool_lock = threading.Lock()
 
 
 def _host_pool() -> tuple[concurrent.futures.ThreadPoolExecutor, int]:
-    """The worker threads of the host eigensolver (one per core this process may use), each
-    running LAPACK single-threaded: nested threading only thrashes."""
+    """The worker threads of the host eigensolver, each running LAPACK single-threaded (nested
+    threading only thrashes): one per core this process may use but one, left to the thread
+    that keeps the GPU fed while they work."""
     global _pool
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = max(1, cores - 1)
     with _pool_lock:
         if _pool is None:
             _pool = concurrent.futures.ThreadPoolExecutor(
-                cores, thread_name_prefix="sorsa-eigh", initializer=torch.set_num_threads, initargs=(1,)
+                workers, thread_name_prefix="sorsa-eigh", initializer=torch.set_num_threads, initargs=(1,)
             )
-    return _pool, cores
+    return _pool, workers
 
 
 def _eigenvectors_into(destination: torch.Tensor, gram: torch.Tensor, ready) -> None:
