@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sorsa_kernels.triton.offsets import element_offsets
+from sorsa_kernels.triton.common import element_offsets, on_device
 
 # (BLOCK_M, BLOCK_N, BLOCK_R, num_warps) by accumulation dtype: a float64 accumulator of
 # 128×128 would not fit in registers.
@@ -102,13 +102,14 @@ def _launch(W, offsets, batch_stride, strides, U3, S2, Vt3, norms, aligned=True)
     n = Vt3.shape[-1]
     block_m, block_n, block_r, num_warps = BLOCKS[U3.dtype]
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), batch)
-    _subtract_lowrank_kernel[grid](
-        W if offsets is None else offsets, W, U3, U3 if S2 is None else S2, Vt3, U3 if norms is None else norms,
-        m, n, r,
-        batch_stride, *strides, *U3.stride(), *((0, 0) if S2 is None else S2.stride()), *Vt3.stride(),
-        HAS_S=S2 is not None,
-        PRECISION="tf32x3" if U3.dtype == torch.float32 else "ieee",
-        INDIRECT=offsets is not None, ALIGNED=aligned, NORMS=norms is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-        num_warps=num_warps,
-    )
+    with on_device(W.device):
+        _subtract_lowrank_kernel[grid](
+            W if offsets is None else offsets, W, U3, U3 if S2 is None else S2, Vt3, U3 if norms is None else norms,
+            m, n, r,
+            batch_stride, *strides, *U3.stride(), *((0, 0) if S2 is None else S2.stride()), *Vt3.stride(),
+            HAS_S=S2 is not None,
+            PRECISION="tf32x3" if U3.dtype == torch.float32 else "ieee",
+            INDIRECT=offsets is not None, ALIGNED=aligned, NORMS=norms is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+            num_warps=num_warps,
+        )

@@ -58,7 +58,7 @@ import triton.language as tl
 
 from sorsa_kernels.profiling import recording, stage
 from sorsa_kernels.reference import rsvd as reference
-from sorsa_kernels.triton.offsets import element_offsets
+from sorsa_kernels.triton.common import element_offsets, on_device
 
 
 @triton.jit
@@ -76,7 +76,7 @@ def _product_kernel(
     """``Y[b] = op(A[b]) @ X[b]`` (``@ (X + X_lo)`` when SPLIT; ``− c[b]·Z[b]`` when SUBTRACT),
     accumulated in float32 (float64 with FLOAT64, which also promotes both operands), stored in
     Y's dtype. ``A[b]`` starts ``a_offsets[b]`` elements (INDIRECT, see
-    :func:`sorsa_kernels.triton.offsets.element_offsets`) or ``b·stride_ab`` elements after
+    :func:`sorsa_kernels.triton.common.element_offsets`) or ``b·stride_ab`` elements after
     ``a_first``; all share one dtype and strides."""
     ACC: tl.constexpr = tl.float64 if FLOAT64 else tl.float32
     pid = tl.program_id(0)
@@ -383,6 +383,10 @@ class _PendingRSVD:
         self._host, self._futures = host, futures
 
     def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with on_device(self._Q.device):
+            return self._finish()
+
+    def _finish(self):
         weights, rank, niter, oversample, generator = self._args
         device = self._Q.device
         with stage("small eigh (host, incl. transfers)", device):
@@ -417,6 +421,11 @@ class _PendingRSVD:
 @torch.no_grad()
 def rsvd_grouped_start(weights, rank, niter, oversample, generator) -> _PendingRSVD:
     weights = list(weights)
+    with on_device(weights[0].device):
+        return _start(weights, rank, niter, oversample, generator)
+
+
+def _start(weights, rank, niter, oversample, generator) -> _PendingRSVD:
     W = _Operand.of_matrices(weights)
     m, n = W.shape
     # Iterate on the shorter side: X = W or Wᵀ, [small, large].

@@ -1,8 +1,16 @@
-"""Separate same-dtype matrices seen by one kernel launch: element offsets from the first."""
+"""Helpers shared by the Triton backend modules."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+
+def on_device(device: torch.device):
+    """Make ``device`` current while kernels are launched for its tensors (Triton launches on
+    the current GPU); nothing to do for CPU tensors (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def element_offsets(matrices: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
