@@ -26,7 +26,10 @@ weights at once; the measurements behind them are in ``sorsa_kernels/benchmark/i
   rounding would stay in the result, splits it into two bfloat16 parts (about 16 significant
   bits against the exactly represented weight) or uses tf32x3. The shift ``−μQ`` is fused into
   the product's epilogue, and the intermediate ``XᵀQ`` is written directly in the dtype the
-  next product reads.
+  next product reads. cuBLAS (``torch.bmm``) would need a stacked copy of each chunk: 32 MiB
+  per 4096×4096 bfloat16 weight, about what the rest of its working memory takes, so half the
+  chunk size under ``sorsa_init_``'s memory bound and twice the chunks' fixed costs; the
+  benchmark times both on one chunk (its ``products:`` rows).
 - **Orthonormalization** is shifted CholeskyQR (Fukaya et al. 2020): Gram matrix
   float32-accurate, Cholesky factor in float64 with a small diagonal shift that keeps it
   defined for rank-deficient blocks, product with the inverse factor. The power iterations only
