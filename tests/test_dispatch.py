@@ -1,5 +1,7 @@
 """The backend table and its resolver."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -42,3 +44,19 @@ def test_bad_backend_values():
         resolve("rsvd", 3, torch.device("cpu"))
     with pytest.raises(ValueError, match="unknown backend 'gpu'"):
         resolve("rsvd", "gpu", torch.device("cpu"))
+
+
+INTERFACES = {
+    "rsvd": ("rsvd", "rsvd_grouped", "rsvd_grouped_start", "working_bytes"),
+    "subtract_lowrank": ("subtract_lowrank_", "subtract_lowrank_grouped_"),
+}
+
+
+@pytest.mark.parametrize("op", sorted(INTERFACES))
+def test_backends_implement_the_whole_interface(op):
+    for backend, module_name in IMPLEMENTATIONS[op].items():
+        if backend == "triton":
+            pytest.importorskip("triton")
+        module = importlib.import_module(module_name)
+        missing = [name for name in INTERFACES[op] if not callable(getattr(module, name, None))]
+        assert not missing, f"{module_name} lacks {missing}"

@@ -63,7 +63,8 @@ def test_sorsa_init_keeps_the_output(backend, mode):
     assert sorted((row["shape"], row["count"]) for row in report) == [((40, 48), 3), ((48, 70), 1), ((70, 40), 1)]
     for row in report:
         assert 0 < row["relative_residual_max"] < 1 and row["seconds"] >= 0
-        assert row["reference_count"] == 1 and row["excess_max"] <= 1e-3
+        # The residual norm is accumulated in float32 before rounding: never below optimal by more.
+        assert row["reference_count"] == 1 and -1e-5 <= row["excess_max"] <= 1e-3
     assert rel_error(model(x), expected) <= TOLERANCE[dtype]
     for name in NAMES:
         check_layer(getattr(model, name), originals[name], TOLERANCE[dtype])
@@ -152,8 +153,27 @@ def test_pretrained_minilm(monkeypatch):
         assert rel_error(model(input_ids=ids).last_hidden_state, expected) <= 1e-4
 
 
+def test_report_residuals_are_those_of_the_factors():
+    """The report's relative residual comes from the fused residual write's norms (before the
+    rounding to the weight's dtype): it must match the adapter's actual residual."""
+    model = Block(torch.float32)
+    originals = dense_weights(model)
+    apply_sorsa(model, NAMES, 4, init="none")
+    report = sorsa_init_(model, progress=False)
+    by_shape = {}
+    for name in NAMES:
+        layer = getattr(model, name)
+        W = originals[name].double()
+        relative = torch.linalg.matrix_norm(W - layer.delta_weight().double()) / torch.linalg.matrix_norm(W)
+        by_shape.setdefault(tuple(W.shape), []).append(relative.item())
+    for row in report:
+        assert row["relative_residual_max"] == pytest.approx(max(by_shape[row["shape"]]), rel=1e-5)
+        assert row["relative_residual_mean"] == pytest.approx(sum(by_shape[row["shape"]]) / row["count"], rel=1e-5)
+
+
 @pytest.mark.gpu
-def test_bfloat16_model_on_gpu():
+@pytest.mark.parametrize("max_memory", [2**31, 1])
+def test_bfloat16_model_on_gpu(max_memory):
     """Triton kernels with bfloat16 weights (the interpreter cannot run bfloat16 dots)."""
     model = nn.ModuleDict({f"l{i}": nn.Linear(1024, 768 if i % 2 else 1024, dtype=torch.bfloat16, device="cuda") for i in range(6)})
     with torch.no_grad():
@@ -166,7 +186,9 @@ def test_bfloat16_model_on_gpu():
     originals = {name: layer.weight.detach().clone() for name, layer in model.items()}
     x = torch.randn(5, 1024, device="cuda", dtype=torch.bfloat16)
     expected = model["l0"](x)
-    apply_sorsa(model, r"l\d", 64, init="rsvd", progress=False)
+    apply_sorsa(model, r"l\d", 64, init="none")
+    # max_memory=1: one layer per chunk, each started before the previous one is collected.
+    sorsa_init_(model, 64, max_memory=max_memory, progress=False)
     assert rel_error(model["l0"](x), expected) <= TOLERANCE[torch.bfloat16]
     for name, layer in model.items():
         check_layer(layer, originals[name], TOLERANCE[torch.bfloat16])

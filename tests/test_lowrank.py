@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from sorsa_kernels import subtract_lowrank_
-from support import DEVICE, backend_params, interpretable_dtypes
+from sorsa_kernels.ops.lowrank import subtract_lowrank_grouped_
+from support import DEVICE, backend_params, interpretable_dtypes, poisoned_allocations
 
 BACKENDS = backend_params("subtract_lowrank")
 
@@ -77,6 +78,49 @@ def test_large_bfloat16_weight_on_gpu():
     original = W.clone()
     subtract_lowrank_(W, U, S, Vt, backend="triton")
     check_elementwise(W, original, U, S, Vt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("with_S", [True, False])
+def test_grouped_weights_and_their_residual_norms(backend, dtype, with_S):
+    """Separate weights (one launch on the GPU): each one as subtract_lowrank_ would leave it,
+    and the squared norm of each unrounded residual."""
+    if dtype not in interpretable_dtypes(backend, [dtype]):
+        pytest.skip("bfloat16 tl.dot is wrong under the Triton interpreter; covered on GPU")
+    m, n, rank, count = 70, 45, 6, 3
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    # Interleaved with other allocations: the weights are not one batch tensor.
+    weights = [torch.randn(m + i % 2, n, device=DEVICE).to(dtype)[: m] for i in range(count)]
+    U = torch.randn(count, m, rank, device=DEVICE, dtype=acc) / rank**0.5
+    S = torch.rand(count, rank, device=DEVICE, dtype=acc) + 0.5 if with_S else None
+    Vt = torch.randn(count, rank, n, device=DEVICE, dtype=acc)
+    originals = [w.clone() for w in weights]
+    with poisoned_allocations():
+        norms = subtract_lowrank_grouped_(weights, U, S, Vt, backend=backend)
+    assert norms.shape == (count,) and norms.dtype == acc
+    for i, (W, original) in enumerate(zip(weights, originals)):
+        Si = None if S is None else S[i]
+        check_elementwise(W, original, U[i], Si, Vt[i])
+        exact = original.double() - (U[i].double() * (1 if Si is None else Si.double())) @ Vt[i].double()
+        assert abs(norms[i].item() / exact.square().sum().item() - 1) <= (1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_grouped_bad_input_names_the_argument():
+    weights = [torch.randn(8, 9) for _ in range(2)]
+    U, S, Vt = torch.randn(2, 8, 3), torch.rand(2, 3), torch.randn(2, 3, 9)
+    with pytest.raises(TypeError, match="sequence of tensors"):
+        subtract_lowrank_grouped_(torch.randn(2, 8, 9), U, S, Vt)
+    with pytest.raises(ValueError, match="at least one"):
+        subtract_lowrank_grouped_([], U, S, Vt)
+    with pytest.raises(ValueError, match=r"weights\[1\]"):
+        subtract_lowrank_grouped_([weights[0], torch.randn(8, 8)], U, S, Vt)
+    with pytest.raises(ValueError, match=r"U.shape\[0\]"):
+        subtract_lowrank_grouped_(weights, U[:1], S, Vt)
+    with pytest.raises(ValueError, match=r"Vt.shape\[2\]"):
+        subtract_lowrank_grouped_(weights, U, S, Vt[..., :-1])
+    with pytest.raises(ValueError, match="S must have shape"):
+        subtract_lowrank_grouped_(weights, U, S[:, :-1], Vt)
 
 
 BAD_INPUTS = [

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sorsa_kernels import rsvd
-from sorsa_kernels.ops.rsvd import rsvd_grouped
+from sorsa_kernels.ops.rsvd import rsvd_grouped, rsvd_grouped_start
 from support import DEVICE, backend_params, interpretable_dtypes
 
 BACKENDS = backend_params("rsvd")
@@ -39,7 +39,10 @@ def check_accuracy(W, U, S, Vt, rank):
     assert U.dtype == S.dtype == Vt.dtype == (torch.float64 if W.dtype == torch.float64 else torch.float32)
     residual = torch.linalg.matrix_norm(W64 - (U.double() * S.double().unsqueeze(-2)) @ Vt.double())
     optimal = reference[..., rank:].square().sum(-1).sqrt()
-    excess = (residual / optimal.clamp_min(1e-300) - 1).max().item()
+    excess = residual / optimal.clamp_min(1e-300) - 1
+    # No rank-r matrix beats the truncated SVD (Eckart–Young): a negative excess is a measurement error.
+    assert excess.min().item() >= -1e-9, f"residual below the optimal one: {excess.min().item():.2e}"
+    excess = excess.max().item()
     assert excess <= EXCESS, f"excess residual error {excess:.2e}"
     top = reference[..., :rank]
     sigma_error = ((S.double() - top).abs() / top).max().item()
@@ -100,10 +103,50 @@ def test_generator_reproducibility(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_matrix_gives_zero_singular_values(backend):
+    """No basis can be orthonormalized from a zero matrix's products: the GPU backend must
+    notice and fall back, still returning orthonormal singular vectors."""
     W = torch.zeros(40, 30, device=DEVICE)
     U, S, Vt = rsvd(W, 3, backend=backend)
     assert torch.equal(S, torch.zeros_like(S))
-    assert torch.isfinite(U).all() and torch.isfinite(Vt).all()
+    eye = torch.eye(3, dtype=torch.float64, device=DEVICE)
+    assert torch.linalg.matrix_norm(U.double().mT @ U.double() - eye) <= 1e-5
+    assert torch.linalg.matrix_norm(Vt.double() @ Vt.double().mT - eye) <= 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rank_deficient_matrix(backend):
+    """Exact rank 3 under a sketch of 67 columns: the basis is mostly noise around 3 directions."""
+    W = decaying((), 90, 70, 0.5, torch.float64)[:, :3] @ orthonormal(70, 3).mT
+    check_accuracy(W.float(), *rsvd(W.float(), 2, backend=backend), 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("niter", [0, 1, 2])
+def test_few_iterations_still_give_a_truncated_svd(backend, niter):
+    """niter 0 has no shift, 1 only the unshifted iteration, 2 one shifted one: all must return
+    orthonormal factors and a residual no better than optimal (accuracy needs more iterations)."""
+    W = decaying((), 120, 90, ("power", 0.4), torch.float32)
+    U, S, Vt = rsvd(W, 5, niter=niter, oversample=10, backend=backend)
+    reference = torch.linalg.svdvals(W.double())
+    residual = torch.linalg.matrix_norm(W.double() - (U.double() * S.double()) @ Vt.double())
+    excess = (residual / reference[5:].square().sum().sqrt() - 1).item()
+    assert -1e-9 <= excess <= 0.25  # a bound, not the accuracy (niter=0 leaves about 7 %)
+    assert (S.double() <= reference[:5] * (1 + 1e-5)).all(), "Ritz values cannot exceed the singular values"
+    eye = torch.eye(5, dtype=torch.float64, device=DEVICE)
+    assert torch.linalg.matrix_norm(U.double().mT @ U.double() - eye) <= 1e-4
+    assert torch.linalg.matrix_norm(Vt.double() @ Vt.double().mT - eye) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_started_groups_collected_in_any_order(backend):
+    """rsvd_grouped_start leaves work running (host eigensolver threads on the GPU backend):
+    two groups started before either is collected give what one call each gives."""
+    groups = [[decaying((), 64, 48, ("power", 0.4), torch.float32) for _ in range(3)] for _ in range(2)]
+    direct = [rsvd_grouped(group, 4, generator=torch.Generator(DEVICE).manual_seed(i), backend=backend) for i, group in enumerate(groups)]
+    started = [rsvd_grouped_start(group, 4, generator=torch.Generator(DEVICE).manual_seed(i), backend=backend) for i, group in enumerate(groups)]
+    for pending, expected in reversed(list(zip(started, direct))):
+        for got, want in zip(pending.result(), expected):
+            assert torch.equal(got, want)
 
 
 def minilm_weights():
@@ -181,3 +224,47 @@ def test_bad_groups_name_the_argument():
         rsvd_grouped([torch.randn(5, 4), torch.randn(5, 3)], 2)
     with pytest.raises(ValueError, match=r"weights\[1\]"):
         rsvd_grouped([torch.randn(5, 4), torch.randn(4, 5).T], 2)
+
+
+def test_shift_estimate_bounds_the_smallest_singular_value():
+    """The GPU backend's shift rests on a lower bound of σ_min(Y) from its CholeskyQR factor:
+    below the true value (else the shift could slow the wanted singular values down), and
+    close to it when Y is well conditioned (else it would not speed them up)."""
+    pytest.importorskip("triton")
+    from sorsa_kernels.triton.rsvd import _cholesky_qr, _smallest_singular_value_bound
+
+    batch, rows, k = 4, 300, 24
+    condition = torch.tensor([3.0, 30.0, 300.0, 3000.0], dtype=torch.float64, device=DEVICE)
+    sigma = condition[:, None] ** (-torch.arange(k, dtype=torch.float64, device=DEVICE) / (k - 1))
+    Y = (orthonormal(rows, k, (batch,)) * sigma.unsqueeze(-2)) @ orthonormal(k, k, (batch,)).mT
+    _, inverse, shift = _cholesky_qr(Y.float(), accurate=False, shift=8)
+    bound = _smallest_singular_value_bound(inverse, shift)
+    smallest = torch.linalg.svdvals(Y.float().double())[:, -1]
+    assert (bound <= smallest).all(), (bound, smallest)
+    assert (bound[:3] >= 0.9 * smallest[:3]).all(), (bound, smallest)
+    zero = torch.zeros(2, rows, k, device=DEVICE)
+    _, inverse, shift = _cholesky_qr(zero, accurate=False, shift=8)
+    assert torch.equal(_smallest_singular_value_bound(inverse, shift), torch.zeros(2, dtype=torch.float64, device=DEVICE))
+
+
+def test_refined_float32_eigenvectors_reach_float64_accuracy():
+    """The GPU backend solves the small eigenproblems in float32 on the host and refines them in
+    float64 (Ogita–Aishima): the result must match a float64 solver's."""
+    pytest.importorskip("triton")
+    from sorsa_kernels.triton.rsvd import _refine_eigenvectors
+
+    k = 96
+    values = (1 + torch.arange(k, dtype=torch.float64, device=DEVICE)) ** -1.0
+    basis = orthonormal(k, k, (3,))
+    G = (basis * values) @ basis.mT
+    approximate = torch.linalg.eigh(G.float()).eigenvectors.double().flip(-1)
+    refined_values, X = _refine_eigenvectors(G, approximate)
+    order = refined_values.argsort(dim=-1, descending=True)
+    refined_values = refined_values.gather(-1, order)
+    X = X.gather(-1, order.unsqueeze(-2).expand_as(X))
+    assert ((refined_values - values).abs() / values).max() <= 1e-11
+    eye = torch.eye(k, dtype=torch.float64, device=DEVICE)
+    assert torch.linalg.matrix_norm(X.mT @ X - eye).max() <= 1e-11
+    residual = torch.linalg.matrix_norm(G @ X - X * refined_values.unsqueeze(-2)).max()
+    unrefined = torch.linalg.matrix_norm(G @ approximate - approximate * values.unsqueeze(-2)).max()
+    assert residual <= 1e-12 and unrefined >= 1e-8, (residual, unrefined)

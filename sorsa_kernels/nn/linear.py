@@ -188,6 +188,12 @@ class SORSALinear(nn.Module):
         replace the weight by the residual ``W − U diag(Σ) Vt`` in place (one fused pass, see
         :func:`sorsa_kernels.subtract_lowrank_`; no full-size temporary)."""
         subtract_lowrank_(self.weight, U, sigma, Vt, backend=self.backend)
+        self._adapter_from_svd_(U, sigma, Vt)
+
+    @torch.no_grad()
+    def _adapter_from_svd_(self, U: torch.Tensor, sigma: torch.Tensor, Vt: torch.Tensor) -> None:
+        """Set the adapter of the SVD modes from the top-r SVD ``(U, Σ, Vt)`` of the base
+        weight, leaving the weight alone (the caller writes the residual)."""
         values = sigma / self.scale
         if self.mode == "sorsa":
             self.U.copy_(U)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from sorsa_kernels.backends import implementation, resolve
@@ -54,3 +56,53 @@ def subtract_lowrank_(
     name = resolve("subtract_lowrank", backend, W.device)
     implementation("subtract_lowrank", name).subtract_lowrank_(W, U, S, Vt)
     return W
+
+
+@torch.no_grad()
+def subtract_lowrank_grouped_(
+    weights: Sequence[torch.Tensor],
+    U: torch.Tensor,
+    S: torch.Tensor | None,
+    Vt: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """:func:`subtract_lowrank_` for a group of separate matrices of one shape (the same-shape
+    layers of a model), in one pass, returning each residual's squared Frobenius norm.
+
+    Args:
+        weights: ``B >= 1`` tensors ``[m, n]`` of one dtype, device and strides; modified in place.
+        U: ``[B, m, r]``; S: ``[B, r]`` or ``None``; Vt: ``[B, r, n]``, converted to the weights'
+            accumulation dtype.
+        backend: see :mod:`sorsa_kernels.backends`.
+
+    Returns:
+        ``[B]`` in the accumulation dtype: ``‖W_b − U_b·diag(S_b)·Vt_b‖²_F`` accumulated before
+        the result is rounded to the weights' dtype.
+    """
+    if isinstance(weights, torch.Tensor):
+        raise TypeError("weights must be a sequence of tensors (use subtract_lowrank_ for one batched tensor)")
+    weights = list(weights)
+    if not weights:
+        raise ValueError("weights must hold at least one matrix")
+    first = weights[0]
+    for i, W in enumerate(weights):
+        check_tensor(f"weights[{i}]", W, dims=2)
+        if (W.shape, W.dtype, W.device, W.stride()) != (first.shape, first.dtype, first.device, first.stride()):
+            raise ValueError(f"weights[{i}] differs from weights[0] in shape, dtype, device or strides")
+    check_tensor("U", U, dims=3)
+    check_tensor("S", S, dims=2, optional=True)
+    check_tensor("Vt", Vt, dims=3)
+    m, n = first.shape
+    check_dim("U.shape[0]", U.shape[0], "len(weights)", len(weights))
+    check_dim("U.shape[1]", U.shape[1], "weights[0].shape[0]", m)
+    check_dim("Vt.shape[0]", Vt.shape[0], "len(weights)", len(weights))
+    check_dim("Vt.shape[2]", Vt.shape[2], "weights[0].shape[1]", n)
+    check_dim("Vt.shape[1]", Vt.shape[1], "U.shape[2]", U.shape[2])
+    if S is not None and S.shape != (len(weights), U.shape[2]):
+        raise ValueError(f"S must have shape {(len(weights), U.shape[2])}, got {tuple(S.shape)}")
+    check_same_device("weights[0]", first, U=U, S=S, Vt=Vt)
+    acc = accumulation_dtype(first.dtype)
+    U, Vt = U.to(acc), Vt.to(acc)
+    S = None if S is None else S.to(acc)
+    name = resolve("subtract_lowrank", backend, first.device)
+    return implementation("subtract_lowrank", name).subtract_lowrank_grouped_(weights, U, S, Vt)

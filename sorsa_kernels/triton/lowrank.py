@@ -4,7 +4,9 @@ Implements the backend interface documented in :mod:`sorsa_kernels.reference.low
 program owns a ``[BLOCK_M, BLOCK_N]`` tile of one matrix: it accumulates ``(U·S)[tile rows] @
 Vt[:, tile cols]`` over the rank in registers (float32 products of float32 operands use tf32x3,
 float32-accurate on tensor cores; float64 runs in float64), then loads the tile of W, subtracts
-and stores it rounded once to W's dtype.
+and stores it rounded once to W's dtype. The grouped form reaches separate matrices through a
+table of element offsets (one launch for a whole group of layers) and adds each tile's sum of
+squares of the unrounded difference to its matrix's entry of the returned norms.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sorsa_kernels.triton.common import element_offsets, on_device
+
 # (BLOCK_M, BLOCK_N, BLOCK_R, num_warps) by accumulation dtype: a float64 accumulator of
 # 128×128 would not fit in registers.
 BLOCKS = {torch.float32: (128, 128, 32, 8), torch.float64: (64, 64, 16, 4)}
@@ -20,18 +24,27 @@ BLOCKS = {torch.float32: (128, 128, 32, 8), torch.float64: (64, 64, 16, 4)}
 
 @triton.jit
 def _subtract_lowrank_kernel(
-    w_ptr, u_ptr, s_ptr, vt_ptr,
+    w_offsets, w_ptr, u_ptr, s_ptr, vt_ptr, norms_ptr,
     M, N, R,
     stride_wb, stride_wm, stride_wn,
     stride_ub, stride_um, stride_ur,
     stride_sb, stride_sr,
     stride_vb, stride_vr, stride_vn,
-    HAS_S: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_S: tl.constexpr, PRECISION: tl.constexpr, INDIRECT: tl.constexpr, ALIGNED: tl.constexpr, NORMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    """``W[b] ← W[b] − U[b]·diag(S[b])·Vt[b]`` for one tile; ``W[b]`` starts at ``b·stride_wb``
+    elements, or ``w_offsets[b]`` (INDIRECT, 16-element aligned with ALIGNED); with NORMS the
+    tile's sum of squares of the unrounded difference is added to ``norms[b]``."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
+    if INDIRECT:
+        w_start = tl.load(w_offsets + b)
+        if ALIGNED:
+            w_start = tl.multiple_of(w_start, 16)
+    else:
+        w_start = b * stride_wb
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
@@ -52,10 +65,13 @@ def _subtract_lowrank_kernel(
             mask=mask_r[:, None] & mask_n[None, :], other=0.0,
         )
         acc = tl.dot(u, vt, acc, input_precision=PRECISION, out_dtype=acc.dtype)
-    w_ptrs = w_ptr + b * stride_wb + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn
+    w_ptrs = w_ptr + w_start + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn
     mask = mask_m[:, None] & mask_n[None, :]
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(acc.dtype)
-    tl.store(w_ptrs, (w - acc).to(w_ptr.dtype.element_ty), mask=mask)
+    residual = w - acc
+    if NORMS:
+        tl.atomic_add(norms_ptr + b, tl.sum(tl.sum(residual * residual, axis=1), axis=0))
+    tl.store(w_ptrs, residual.to(w_ptr.dtype.element_ty), mask=mask)
 
 
 def subtract_lowrank_(W, U, S, Vt):
@@ -70,16 +86,30 @@ def subtract_lowrank_(W, U, S, Vt):
         W3 = W if W.dim() == 3 else W.unsqueeze(0)
     m, n = W.shape[-2:]
     r = U.shape[-1]
-    U3, Vt3 = U.reshape(-1, m, r), Vt.reshape(-1, r, n)
-    S2 = None if S is None else S.reshape(-1, r)
-    block_m, block_n, block_r, num_warps = BLOCKS[U.dtype]
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), W3.shape[0])
-    _subtract_lowrank_kernel[grid](
-        W3, U3, U3 if S2 is None else S2, Vt3,
-        m, n, r,
-        *W3.stride(), *U3.stride(), *((0, 0) if S2 is None else S2.stride()), *Vt3.stride(),
-        HAS_S=S2 is not None,
-        PRECISION="tf32x3" if U.dtype == torch.float32 else "ieee",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
-        num_warps=num_warps,
-    )
+    _launch(W3, None, W3.stride(0), W3.stride()[1:], U.reshape(-1, m, r), None if S is None else S.reshape(-1, r), Vt.reshape(-1, r, n), None)
+
+
+def subtract_lowrank_grouped_(weights, U, S, Vt):
+    offsets, aligned = element_offsets(weights)
+    norms = torch.zeros(len(weights), dtype=U.dtype, device=U.device)
+    _launch(weights[0], offsets, 0, weights[0].stride(), U, S, Vt, norms, aligned=aligned)
+    return norms
+
+
+def _launch(W, offsets, batch_stride, strides, U3, S2, Vt3, norms, aligned=True):
+    """One launch over the ``U3.shape[0]`` matrices: W's at ``batch_stride`` or ``offsets``."""
+    batch, m, r = U3.shape
+    n = Vt3.shape[-1]
+    block_m, block_n, block_r, num_warps = BLOCKS[U3.dtype]
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), batch)
+    with on_device(W.device):
+        _subtract_lowrank_kernel[grid](
+            W if offsets is None else offsets, W, U3, U3 if S2 is None else S2, Vt3, U3 if norms is None else norms,
+            m, n, r,
+            batch_stride, *strides, *U3.stride(), *((0, 0) if S2 is None else S2.stride()), *Vt3.stride(),
+            HAS_S=S2 is not None,
+            PRECISION="tf32x3" if U3.dtype == torch.float32 else "ieee",
+            INDIRECT=offsets is not None, ALIGNED=aligned, NORMS=norms is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r,
+            num_warps=num_warps,
+        )
