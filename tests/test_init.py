@@ -58,7 +58,8 @@ def test_sorsa_init_keeps_the_output(backend, mode):
     expected = model(x)
     originals = dense_weights(model)
     apply_sorsa(model, NAMES, 6, mode=mode, alpha=12.0, init="none")
-    assert torch.equal(model(x), expected), "init='none' must leave the output unchanged"
+    # A zero adapter adds nothing, but on a GPU the fused kernel and cuBLAS round differently.
+    assert rel_error(model(x), expected) <= 1e-6, "init='none' must leave the output unchanged"
     report = sorsa_init_(model, 6, backend=backend, reference_layers=1, progress=False)
     assert sorted((row["shape"], row["count"]) for row in report) == [((40, 48), 3), ((48, 70), 1), ((70, 40), 1)]
     for row in report:
