@@ -42,7 +42,7 @@ class _FactorSet:
 
     def __init__(self, Us: list[torch.Tensor], Vts: list[torch.Tensor], key: tuple):
         self.device = (Us or Vts)[0].device
-        self.pointers = list(map(_data_ptr, Us + Vts))
+        self.pointers = (list(map(_data_ptr, Us)), list(map(_data_ptr, Vts)))
         self.plans: dict[str, object] = {}
         # When a factor dies its identity may be reused by a new tensor: drop the set with it.
         self._watchers = [weakref.ref(t, functools.partial(_forget, key)) for t in Us + Vts]
@@ -54,10 +54,14 @@ class _FactorSet:
 
 
 _factor_sets: OrderedDict[tuple, _FactorSet] = OrderedDict()
+# The key and set of the latest call: a training loop finds its set here without hashing the key.
+_latest: list = [None, None]
 
 
 def _forget(key, _reference):
     _factor_sets.pop(key, None)
+    if _latest[0] == key:
+        _latest[:] = [None, None]
 
 
 def _as_list(name: str, value) -> list:
@@ -94,20 +98,25 @@ def _factor_set(Us, Vts, form) -> tuple[list, list, _FactorSet]:
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     key = (tuple(map(id, Us)), tuple(map(id, Vts)))
-    factor_set = _factor_sets.get(key)
+    latest_key, factor_set = _latest
+    if key != latest_key:
+        factor_set = _factor_sets.get(key)
+        if factor_set is not None:
+            _factor_sets.move_to_end(key)
     if factor_set is not None:
         try:
-            fresh = factor_set.pointers == list(map(_data_ptr, Us)) + list(map(_data_ptr, Vts))
+            fresh = factor_set.pointers == (list(map(_data_ptr, Us)), list(map(_data_ptr, Vts)))
         except TypeError:  # not all tensors: _validate says which
             fresh = False
-        if fresh:
-            _factor_sets.move_to_end(key)
-            return Us, Vts, factor_set
-        del _factor_sets[key]
-    _validate(Us, Vts)
-    factor_set = _factor_sets[key] = _FactorSet(Us, Vts, key)
-    while len(_factor_sets) > _FACTOR_SETS_CACHED:
-        _factor_sets.popitem(last=False)
+        if not fresh:
+            del _factor_sets[key]
+            factor_set = None
+    if factor_set is None:
+        _validate(Us, Vts)
+        factor_set = _factor_sets[key] = _FactorSet(Us, Vts, key)
+        while len(_factor_sets) > _FACTOR_SETS_CACHED:
+            _factor_sets.popitem(last=False)
+    _latest[:] = [key, factor_set]
     return Us, Vts, factor_set
 
 

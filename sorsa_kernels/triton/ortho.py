@@ -637,6 +637,7 @@ class _Group:
         self.mats = _device_table([[p, sl, sr, r, kind, i] for i, p, L, r, sl, sr, kind in members], MAT_FIELDS.value,
                                   torch.int64, plan.device)
         self._queues: dict[tuple, tuple[torch.Tensor, int]] = {}
+        self.launches: dict[tuple, object] = {}
         # Backward outputs: {wanted factors: (device table, per member (offset, shape) or None, elements)}.
         self._flat_outputs: dict[tuple, tuple] = {}
 
@@ -722,6 +723,7 @@ class Plan:
         # {data pointers of the outputs: per group (device table, aligned)}: .grad tensors are
         # often reallocated at the addresses they had.
         self._output_tables: OrderedDict[tuple, list] = OrderedDict()
+        self._latest_outputs: tuple = (None, None)
 
     def workspace(self):
         """Zeroed Gram stack ``[n, R, R]``, norms ``[n]`` and counters (one allocation, one fill)."""
@@ -731,12 +733,29 @@ class Plan:
         counters = workspace[self._counters_at :].view(torch.int32)
         return grams, norms, counters
 
+    def per_call(self, group, counters, grams, norms, value, *, official, outs=None, out_base=0, out_aligned=False,
+                 scale=None, coeff=1.0) -> dict:
+        """The kernel arguments of one call for ``group``."""
+        number = self.groups.index(group)
+        coeff_hi = struct.unpack("f", struct.pack("f", coeff))[0]  # float arguments are float32
+        # Pointers the variant does not use still need a tensor: any will do.
+        return dict(
+            outs=group.mats if outs is None else outs, out_base=out_base, grams=grams, norms=norms,
+            value=norms if value is None else value, queue=counters[QUEUE_SLOTS * number : QUEUE_SLOTS * (number + 1)],
+            arrivals=counters[QUEUE_SLOTS * len(self.groups) :], scale=norms if scale is None else scale,
+            coeff_hi=coeff_hi, coeff_lo=coeff - coeff_hi, official=official,
+            variant=(value is not None, scale is not None, out_aligned),
+        )
+
     def output_tables(self, outs: list) -> list:
         """Per group, the device table of these outputs (every factor's, shaped like it) and
         whether it is aligned, cached under
         their data pointers (a reallocated ``.grad`` keeps its layout: autograd lays it out like
         its parameter)."""
-        key = tuple(map(torch.Tensor.data_ptr, outs))
+        pointers = list(map(torch.Tensor.data_ptr, outs))
+        if pointers == self._latest_outputs[0]:
+            return self._latest_outputs[1]
+        key = tuple(pointers)
         tables = self._output_tables.get(key)
         if tables is None:
             tables = self._output_tables[key] = [group.output_table(outs) for group in self.groups]
@@ -744,6 +763,7 @@ class Plan:
                 self._output_tables.popitem(last=False)
         else:
             self._output_tables.move_to_end(key)
+        self._latest_outputs = (pointers, tables)
         return tables
 
 
@@ -755,64 +775,86 @@ def _accumulator(precision: int):
     return tl.float64 if precision == F64.value else tl.float32
 
 
-def _programs(plan: Plan, config: Config) -> int:
-    return plan.sms * config.programs_per_sm
-
-
-# (variant, candidates) -> index of the first candidate that compiled within the device's limits;
-# (variant, config) -> the compiled kernel, launched directly (no argument binding per call).
+# Kernel arguments that change from call to call; the others are fixed per group and variant.
+_PER_CALL = ("outs", "out_base", "queue", "arrivals", "grams", "norms", "value", "scale", "coeff_hi", "coeff_lo",
+             "official")
+# (variant, candidates) -> index of the first candidate that compiled within the device's limits.
 _chosen: dict[tuple, int] = {}
-_compiled: dict[tuple, object] = {}
 
 
-def _run(plan: Plan, group: _Group, mode: str, *, outs, out_base, out_aligned, grams, norms, value, counters,
-         scale, coeff, official, accumulate, value_count):
+@dataclasses.dataclass
+class _Launch:
+    """One group's launch of one variant, ready to repeat: the compiled kernel (None under the
+    interpreter) and every argument in order, the per-call ones to be filled in."""
+
+    config: Config
+    programs: int
+    kernel: object
+    arguments: list
+    slots: list[int]
+
+    def __call__(self, per_call: dict):
+        arguments = self.arguments.copy()
+        for slot, name in zip(self.slots, _PER_CALL):
+            arguments[slot] = per_call[name]
+        _launch_kernel(self.kernel, self.programs, self.config, arguments)
+
+
+def _launch_kernel(kernel, programs: int, config: Config, arguments: list):
+    """Launch ``kernel`` (already compiled) with every argument in order."""
+    kernel[(programs, 1, 1)](*arguments)
+
+
+def _run(plan: Plan, group: _Group, mode: str, per_call: dict):
+    """Run ``mode`` (forward, backward or step) over ``group`` with these per-call arguments."""
     precision = _precision(group.dtype)
-    gram_phase, gradient_phase = mode != "backward", mode != "forward"
-    variant = (group.dtype, precision, mode, value is not None, scale is not None, accumulate, group.block_r,
-               group.aligned, out_aligned)
-    candidates = _candidates(precision, group.block_r, group.itemsize)
-    key = (variant, tuple(candidates))
     deterministic = torch.are_deterministic_algorithms_enabled()
-    group_number = plan.groups.index(group)
-    queue_counters = counters[QUEUE_SLOTS * group_number : QUEUE_SLOTS * (group_number + 1)]
-    arrivals = counters[QUEUE_SLOTS * len(plan.groups) :]
-    coeff_hi = struct.unpack("f", struct.pack("f", coeff))[0]
+    variant = (mode, precision, deterministic, *per_call["variant"], override)
+    launch = group.launches.get(variant)
+    if launch is None:
+        launch = group.launches[variant] = _first_launch(plan, group, variant, per_call)
+        if launch is None:  # the first launch ran the kernel already
+            del group.launches[variant]
+        return
+    launch(per_call)
+
+
+def _first_launch(plan: Plan, group: _Group, variant: tuple, per_call: dict) -> _Launch | None:
+    """Compile (or find) the kernel of ``variant``, trying the candidate configurations in
+    order, and run it; returns what repeats the launch (None under the interpreter)."""
+    mode, precision, deterministic, has_value, scaled, out_aligned, _ = variant
+    candidates = _candidates(precision, group.block_r, group.itemsize)
+    key = ((group.dtype, group.block_r, group.aligned) + variant, tuple(candidates))
     for i in range(_chosen.get(key, 0), len(candidates)):
         config = candidates[i]
-        programs = _programs(plan, config)
+        programs = plan.sms * config.programs_per_sm
         work, num_items = group.queue(mode, deterministic, config, programs)
-        block_n = min(config.block_n, group.block_r)
-        args = dict(
-            mats=group.mats, outs=group.mats if outs is None else outs, out_base=out_base, work=work,
-            num_items=num_items, queue=queue_counters, arrivals=arrivals, grams=grams, norms=norms,
-            value=norms if value is None else value, scale=norms if scale is None else scale, coeff_hi=coeff_hi,
-            coeff_lo=coeff - coeff_hi, gram_stride=plan.width * plan.width, gram_width=plan.width,
-            count=plan.count, official=official, value_count=value_count,
-            DTYPE=group.tl_dtype, ACC_DTYPE=_accumulator(precision), PRECISION=precision, GRAM=gram_phase,
-            GRADIENT_PHASE=gradient_phase, VALUE=value is not None, SCALED=scale is not None,
-            ACCUMULATE=bool(accumulate), GRAM_ROWS=config.gram_rows, GRADIENT_ROWS=config.gradient_rows,
-            BLOCK=group.gram_block, NUM_BLOCKS=group.block_r // group.gram_block, BLOCK_N=block_n,
+        arguments = dict(
+            mats=group.mats, work=work, num_items=num_items, gram_stride=plan.width * plan.width,
+            gram_width=plan.width, count=plan.count, value_count=plan.count,
+            DTYPE=group.tl_dtype, ACC_DTYPE=_accumulator(precision), PRECISION=precision, GRAM=mode != "backward",
+            GRADIENT_PHASE=mode != "forward", VALUE=has_value, SCALED=scaled, ACCUMULATE=mode == "step",
+            GRAM_ROWS=config.gram_rows, GRADIENT_ROWS=config.gradient_rows, BLOCK=group.gram_block,
+            NUM_BLOCKS=group.block_r // group.gram_block, BLOCK_N=min(config.block_n, group.block_r),
             BLOCK_K=group.block_k, NUM_K=group.block_r // group.block_k, ALIGNED=group.aligned,
             OUT_ALIGNED=out_aligned, VEC=group.vec, VALUE_BLOCK=1024,
+            **{name: per_call[name] for name in _PER_CALL},
         )
-        launcher = _compiled.get((variant, config, programs))
+        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        if config.max_registers is not None:
+            options["maxnreg"] = config.max_registers
         try:
-            if launcher is not None:
-                launcher(*[args[name] for name in _ortho_kernel.arg_names])
-            else:
-                options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-                if config.max_registers is not None:
-                    options["maxnreg"] = config.max_registers
-                compiled = _ortho_kernel[(programs,)](**args, **options)
-                if compiled is not None and not _triton_interpreted():
-                    _compiled[(variant, config, programs)] = compiled[(programs, 1, 1)]
+            compiled = _ortho_kernel[(programs,)](**arguments, **options)
         except OutOfResources:
             if i == len(candidates) - 1:
                 raise
             continue
         _chosen[key] = i
-        return
+        if _triton_interpreted():
+            return None
+        names = _ortho_kernel.arg_names
+        return _Launch(config, programs, compiled, [arguments[name] for name in names],
+                       [names.index(name) for name in _PER_CALL])
 
 
 def prepare(Us, Vts) -> Plan:
@@ -826,9 +868,8 @@ def forward(plan: Plan, Us, Vts, form):
     with _on_device(plan.device):
         for group in plan.groups:
             last = group is plan.groups[-1]
-            _run(plan, group, "forward", outs=None, out_base=0, out_aligned=False, grams=grams, norms=norms,
-                 value=value if last else None, counters=counters, scale=None, coeff=1.0, official=official,
-                 accumulate=False, value_count=plan.count)
+            _run(plan, group, "forward", plan.per_call(group, counters, grams, norms, value if last else None,
+                                                       official=official))
     return value, grams, norms
 
 
@@ -846,9 +887,9 @@ def backward(plan: Plan, Us, Vts, grams, norms, form, scale, wanted):
                 if view is not None:
                     offset, shape = view
                     grads[i] = buffer[offset : offset + shape[0] * shape[1]].view(shape)
-            _run(plan, group, "backward", outs=table, out_base=buffer.data_ptr(), out_aligned=aligned, grams=grams,
-                 norms=norms, value=None, counters=counters, scale=scale, coeff=1.0, official=official,
-                 accumulate=False, value_count=plan.count)
+            _run(plan, group, "backward", plan.per_call(group, counters, grams, norms, None, official=official,
+                                                        outs=table, out_base=buffer.data_ptr(), out_aligned=aligned,
+                                                        scale=scale))
     return grads
 
 
@@ -859,7 +900,6 @@ def step_(plan: Plan, Us, Vts, form, coeff, outs):
     with _on_device(plan.device):
         for group, (table, aligned) in zip(plan.groups, plan.output_tables(outs)):
             last = group is plan.groups[-1]
-            _run(plan, group, "step", outs=table, out_base=0, out_aligned=aligned, grams=grams, norms=norms,
-                 value=value if last else None, counters=counters, scale=None, coeff=coeff, official=official,
-                 accumulate=True, value_count=plan.count)
+            _run(plan, group, "step", plan.per_call(group, counters, grams, norms, value if last else None,
+                                                    official=official, outs=table, out_aligned=aligned, coeff=coeff))
     return value
