@@ -179,13 +179,16 @@ def run(quick: bool) -> list[dict]:
 
 # -- Tuning sweep ------------------------------------------------------------------------------
 
-# Per Gram block width: (gram_rows, gradient_rows, block_n, num_warps, num_stages, max_registers),
-# each compiled once; the first is the stage-A baseline's runtime knobs' partner.
+# Per Gram block width: (gram_rows, gradient_rows, block_n, num_warps, num_stages, gram_block), each
+# compiled once. At r = 128 (float32, 3xTF32) the first ones keep 8 warps for the 128×128 Gram
+# accumulator, where a 32-row gradient tile runs mma.sync; the 4-warp ones sum the Gram matrix
+# in 64-wide block pairs so that a 64-row gradient tile can run wgmma (it spills a little, like
+# round 1's fastest standalone gradient kernel).
 _TILES = {
-    128: [(32, 32, 64, 8, 3, None), (32, 32, 64, 8, 2, None), (32, 32, 128, 8, 2, None), (64, 32, 64, 8, 2, None),
-          (32, 64, 64, 8, 2, None), (16, 16, 64, 4, 2, None), (32, 32, 64, 4, 2, None)],
-    16: [(64, 64, 16, 4, 3, None), (128, 128, 16, 4, 3, None), (256, 128, 16, 8, 3, None), (64, 64, 16, 4, 2, None),
-         (128, 128, 16, 4, 4, None)],
+    128: [(32, 32, 64, 8, 3, 128), (32, 32, 64, 8, 2, 128), (64, 32, 64, 8, 2, 128), (32, 128, 64, 8, 2, 128),
+          (32, 64, 64, 4, 1, 64), (64, 64, 64, 4, 2, 64), (32, 64, 128, 4, 1, 64)],
+    16: [(128, 128, 16, 4, 3, 128), (64, 64, 16, 4, 3, 128), (128, 128, 16, 4, 4, 128), (128, 64, 16, 4, 2, 128),
+         (64, 128, 16, 8, 3, 128)],
 }
 # Runtime knobs tried with the best tiles: rows per work item (in units of 256 KiB of float32
 # factor rows at r = 128, so the same list fits every rank), lag, programs per SM.
@@ -201,8 +204,8 @@ def sweep_configs(block_r: int) -> list:
 
     default = triton_ortho._candidates(triton_ortho.F32_3XTF32.value, block_r, 4)[0]
     return [dataclasses.replace(default, gram_rows=g, gradient_rows=d, block_n=n, num_warps=w, num_stages=s,
-                                max_registers=m, chunk_rows=max(default.chunk_rows, g, d))
-            for g, d, n, w, s, m in _TILES[block_r]]
+                                gram_block=b, chunk_rows=max(default.chunk_rows, g, d))
+            for g, d, n, w, s, b in _TILES[block_r]]
 
 
 def _runtime_configs(tiles, block_r: int) -> list:
@@ -249,8 +252,8 @@ def sweep() -> list[dict]:
             torch.cuda.empty_cache()
     finally:
         triton_ortho.override = None
-    columns = ["set", "stage", "gram_rows", "gradient_rows", "block_n", "chunk_rows", "lag", "num_warps", "num_stages",
-               "programs_per_sm", "max_registers", "ms", "ours/floor"]
+    columns = ["set", "stage", "gram_rows", "gradient_rows", "block_n", "gram_block", "chunk_rows", "lag", "num_warps",
+               "num_stages", "programs_per_sm", "ms", "ours/floor"]
     print(format_table(rows, columns))
     print("best per set:")
     print(format_table(best, columns))

@@ -188,6 +188,32 @@ def _gram_rows(acc, ptr, stride_l, stride_r, row_start, row_end, rank, cols_a, c
 
 
 @triton.jit
+def _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK: tl.constexpr, SAME: tl.constexpr,
+              ALIGNED: tl.constexpr, VEC: tl.constexpr):
+    """``X[rows, cols_a]ᵀ X[rows, cols_b]`` over the item's rows (see :func:`_gram_update`)."""
+    acc = tl.zeros((BLOCK, BLOCK), ACC_DTYPE)
+    # One loop per layout, so that the compiler knows the contiguous dimension (stride 1) and,
+    # when aligned, the other stride's divisibility (loaded in its branch, so the hint stays true).
+    if kind == ROW_MAJOR:
+        stride_l = tl.load(entry + MAT_STRIDE_L)
+        if ALIGNED:
+            stride_l = tl.multiple_of(stride_l, VEC)
+        acc = _gram_rows(acc, ptr, stride_l, 1, row_start, row_end, rank, cols_a, cols_b, BLOCK_L, PRECISION, SAME,
+                         ALIGNED)
+    elif kind == COL_MAJOR:
+        stride_r = tl.load(entry + MAT_STRIDE_R)
+        if ALIGNED:
+            stride_r = tl.multiple_of(stride_r, VEC)
+        acc = _gram_rows(acc, ptr, 1, stride_r, row_start, row_end, rank, cols_a, cols_b, BLOCK_L, PRECISION, SAME,
+                         ALIGNED)
+    else:
+        acc = _gram_rows(acc, ptr, tl.load(entry + MAT_STRIDE_L), tl.load(entry + MAT_STRIDE_R), row_start, row_end,
+                         rank, cols_a, cols_b, BLOCK_L, PRECISION, SAME, False)
+    return acc
+
+
+@triton.jit
 def _complete_gram(gram, gram_width, rank, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
                    NUM_K: tl.constexpr, ROWS: tl.constexpr):
     """Make the summed Gram matrix symmetric and return ``‖G − I‖_F``.
@@ -222,7 +248,7 @@ def _complete_gram(gram, gram_width, rank, ACC_DTYPE: tl.constexpr, BLOCK: tl.co
 def _gram_item(item, mats, grams, norms, arrivals, gram_stride, gram_width,
                DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_L: tl.constexpr,
                BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
-               ALIGNED: tl.constexpr, VEC: tl.constexpr):
+               COMPLETE_ROWS: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr):
     # The Gram stack's width is a multiple of 16 (Plan): 16-byte atomics.
     gram_width = tl.multiple_of(gram_width, 16)
     gram_stride = tl.multiple_of(gram_stride, 256)
@@ -246,25 +272,16 @@ def _gram_item(item, mats, grams, norms, arrivals, gram_stride, gram_width,
         block_b = tl.load(item + WORK_BLOCK_B)
     cols_a = block_a * BLOCK + tl.arange(0, BLOCK)
     cols_b = block_b * BLOCK + tl.arange(0, BLOCK)
-    same: tl.constexpr = NUM_BLOCKS == 1
-    acc = tl.zeros((BLOCK, BLOCK), ACC_DTYPE)
-    # One loop per layout, so that the compiler knows the contiguous dimension (stride 1) and,
-    # when aligned, the other stride's divisibility (loaded in its branch, so the hint stays true).
-    if kind == ROW_MAJOR:
-        stride_l = tl.load(entry + MAT_STRIDE_L)
-        if ALIGNED:
-            stride_l = tl.multiple_of(stride_l, VEC)
-        acc = _gram_rows(acc, ptr, stride_l, 1, row_start, row_end, rank, cols_a, cols_b, BLOCK_L, PRECISION, same,
-                         ALIGNED)
-    elif kind == COL_MAJOR:
-        stride_r = tl.load(entry + MAT_STRIDE_R)
-        if ALIGNED:
-            stride_r = tl.multiple_of(stride_r, VEC)
-        acc = _gram_rows(acc, ptr, 1, stride_r, row_start, row_end, rank, cols_a, cols_b, BLOCK_L, PRECISION, same,
-                         ALIGNED)
+    # A diagonal block pair sums xᵀx (two products in 3xTF32), any other pair xaᵀxb (three).
+    if NUM_BLOCKS == 1:
+        acc = _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE, PRECISION, BLOCK_L,
+                        BLOCK, True, ALIGNED, VEC)
+    elif block_a == block_b:
+        acc = _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE, PRECISION, BLOCK_L,
+                        BLOCK, True, ALIGNED, VEC)
     else:
-        acc = _gram_rows(acc, ptr, tl.load(entry + MAT_STRIDE_L), tl.load(entry + MAT_STRIDE_R), row_start, row_end,
-                         rank, cols_a, cols_b, BLOCK_L, PRECISION, same, False)
+        acc = _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE, PRECISION, BLOCK_L,
+                        BLOCK, False, ALIGNED, VEC)
     # The block pair as summed (block_a <= block_b): the completing item symmetrizes.
     gram = grams + index * gram_stride
     mask = (cols_a[:, None] < rank) & (cols_b[None, :] < rank)
@@ -279,7 +296,7 @@ def _gram_item(item, mats, grams, norms, arrivals, gram_stride, gram_width,
     tl.debug_barrier()
     arrived = tl.atomic_add(arrivals + index, 1, sem="acq_rel")
     if arrived == tl.load(item + WORK_GRAM_ITEMS) - 1:
-        norm = _complete_gram(gram, gram_width, rank, ACC_DTYPE, BLOCK, BLOCK_K, NUM_K, 32)
+        norm = _complete_gram(gram, gram_width, rank, ACC_DTYPE, BLOCK, BLOCK_K, NUM_K, COMPLETE_ROWS)
         tl.store(norms + index, norm.to(norms.dtype.element_ty))
         tl.debug_barrier()
         tl.atomic_add(arrivals + index, 1, sem="release")
@@ -425,8 +442,8 @@ def _ortho_kernel(mats, outs, out_base, work, num_items, queue, arrivals, grams,
                   GRADIENT_PHASE: tl.constexpr, VALUE: tl.constexpr, SCALED: tl.constexpr,
                   ACCUMULATE: tl.constexpr, GRAM_ROWS: tl.constexpr, GRADIENT_ROWS: tl.constexpr,
                   BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  NUM_K: tl.constexpr, ALIGNED: tl.constexpr, OUT_ALIGNED: tl.constexpr, VEC: tl.constexpr,
-                  VALUE_BLOCK: tl.constexpr):
+                  NUM_K: tl.constexpr, COMPLETE_ROWS: tl.constexpr, ALIGNED: tl.constexpr,
+                  OUT_ALIGNED: tl.constexpr, VEC: tl.constexpr, VALUE_BLOCK: tl.constexpr):
     """The work queue of one dtype group; GRAM and GRADIENT_PHASE say which kinds of items it
     holds (both: gradient items wait for their matrix), VALUE that the last program to finish
     sums the norms of all ``value_count`` matrices into ``value``."""
@@ -444,10 +461,10 @@ def _ortho_kernel(mats, outs, out_base, work, num_items, queue, arrivals, grams,
                                BLOCK_N, BLOCK_K, NUM_K, OUT_ALIGNED, VEC)
             else:
                 _gram_item(item, mats, grams, norms, arrivals, gram_stride, gram_width, DTYPE, ACC_DTYPE, PRECISION,
-                           GRAM_ROWS, BLOCK, NUM_BLOCKS, BLOCK_K, NUM_K, ALIGNED, VEC)
+                           GRAM_ROWS, BLOCK, NUM_BLOCKS, BLOCK_K, NUM_K, COMPLETE_ROWS, ALIGNED, VEC)
         elif GRAM:
             _gram_item(item, mats, grams, norms, arrivals, gram_stride, gram_width, DTYPE, ACC_DTYPE, PRECISION,
-                       GRAM_ROWS, BLOCK, NUM_BLOCKS, BLOCK_K, NUM_K, ALIGNED, VEC)
+                       GRAM_ROWS, BLOCK, NUM_BLOCKS, BLOCK_K, NUM_K, COMPLETE_ROWS, ALIGNED, VEC)
         else:
             _gradient_item(item, mats, outs, out_base, grams, norms, arrivals, factor, gram_stride, gram_width, count,
                            official, DTYPE, ACC_DTYPE, PRECISION, False, ACCUMULATE, GRADIENT_ROWS, BLOCK_N,
@@ -480,8 +497,9 @@ class Config:
     gradient columns per item; ``chunk_rows``: rows per work item (a multiple of both tile
     heights); ``lag``: how far a matrix's gradient items trail its Gram items, in units of
     the rows that all programs hold at once (``programs × chunk_rows``; ``inf``: every Gram
-    item first); ``programs_per_sm``: the grid is this many programs per SM;
-    ``max_registers``: a per-thread register cap (None: the compiler's choice).
+    item first); ``programs_per_sm``: the grid is this many programs per SM; ``gram_block``: the
+    widest Gram block one item sums (a rank above it is cut into block pairs, each its own
+    item: smaller accumulators and fewer products, the rows read once per block pair).
     """
 
     gram_rows: int
@@ -492,7 +510,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2
     programs_per_sm: int = 1
-    max_registers: int | None = None
+    gram_block: int = MAX_GRAM_BLOCK
 
     def __post_init__(self):
         if self.chunk_rows % self.gram_rows or self.chunk_rows % self.gradient_rows:
@@ -512,16 +530,18 @@ def _candidates(precision: int, block_r: int, itemsize: int) -> list[Config]:
     if _triton_interpreted():
         # Small chunks: many Gram items per matrix and gradient items interleaved with them.
         return [Config(16, 16, min(block_r, 32), 32, lag=1.0, programs_per_sm=2)]
+    # Tiles of up to 16 KiB of factor rows (enough bytes in flight per program at small ranks).
+    rows = max(16, min(128, (16 << 10) // (block_r * itemsize)))
     block_n = min(block_r, 128 if itemsize < 4 or precision == F32_TF32.value else 64)
-    # Work items of about 256 KiB of factor rows: a Gram item's atomic update (r² floats,
-    # half of it with the triangle) stays small beside what it reads.
+    # Work items of about 256 KiB of factor rows: a Gram item's atomic update (r² floats) stays
+    # small beside what it reads, and the rows all programs hold at once stay within L2.
     chunk = max(256, min(4096, (256 << 10) // (block_r * itemsize)))
     if precision == F64.value:
         return [Config(16, 16, min(block_r, 32), chunk, 1.0, 4, 2), Config(16, 16, 16, chunk, 1.0, 4, 1)]
     if block_r >= 128:
-        return [Config(32, 32, block_n, chunk, 1.0, 8, 3), Config(32, 32, block_n, chunk, 1.0, 8, 2),
+        return [Config(rows, 32, block_n, chunk, 1.0, 8, 3), Config(rows, 32, block_n, chunk, 1.0, 8, 2),
                 Config(16, 16, 32, chunk, 1.0, 4, 1)]
-    return [Config(64, 64, block_n, chunk, 1.0, 4, 3), Config(32, 32, block_n, chunk, 1.0, 4, 2),
+    return [Config(rows, rows, block_n, chunk, 1.0, 4, 3), Config(32, 32, block_n, chunk, 1.0, 4, 2),
             Config(16, 16, block_n, chunk, 1.0, 4, 1)]
 
 
@@ -631,7 +651,6 @@ class _Group:
         self.members = members
         self.indices = [m[0] for m in members]
         self.block_r = max(16, triton.next_power_of_2(max(m[3] for m in members)))
-        self.gram_block = min(self.block_r, MAX_GRAM_BLOCK)
         self.block_k = min(self.block_r, MAX_GRAM_BLOCK)
         self.aligned = all(_vectorizable(p, L, r, sl, sr, kind, self.vec) for _, p, L, r, sl, sr, kind in members)
         self.mats = _device_table([[p, sl, sr, r, kind, i] for i, p, L, r, sl, sr, kind in members], MAT_FIELDS.value,
@@ -646,9 +665,13 @@ class _Group:
         key = (mode, deterministic, config, programs, block_n)
         if key not in self._queues:
             shapes = [(L, r) for _, _, L, r, *_rest in self.members]
-            rows = _work_order(shapes, mode, deterministic, config, programs, self.gram_block, block_n)
+            rows = _work_order(shapes, mode, deterministic, config, programs, self.gram_block(config), block_n)
             self._queues[key] = (_device_table(rows, WORK_FIELDS.value, torch.int32, self.plan.device), len(rows))
         return self._queues[key]
+
+    def gram_block(self, config: Config) -> int:
+        return min(self.block_r, config.gram_block)
+
 
     def output_table(self, outs: list) -> tuple[torch.Tensor, bool]:
         """Device table of the given outputs (shaped like their factors, absolute addresses, any
@@ -775,6 +798,12 @@ def _accumulator(precision: int):
     return tl.float64 if precision == F64.value else tl.float32
 
 
+def _complete_rows(block_r: int, block_k: int, num_warps: int) -> int:
+    """Rows of the Gram matrix the completing item handles at once: about 8 elements per thread
+    (its tiles of 64-bit pointers would otherwise dominate the kernel's registers)."""
+    return min(block_r, max(1, 8 * 32 * num_warps // block_k))
+
+
 # Kernel arguments that change from call to call; the others are fixed per group and variant.
 _PER_CALL = ("outs", "out_base", "queue", "arrivals", "grams", "norms", "value", "scale", "coeff_hi", "coeff_lo",
              "official")
@@ -834,17 +863,17 @@ def _first_launch(plan: Plan, group: _Group, variant: tuple, per_call: dict) -> 
             gram_width=plan.width, count=plan.count, value_count=plan.count,
             DTYPE=group.tl_dtype, ACC_DTYPE=_accumulator(precision), PRECISION=precision, GRAM=mode != "backward",
             GRADIENT_PHASE=mode != "forward", VALUE=has_value, SCALED=scaled, ACCUMULATE=mode == "step",
-            GRAM_ROWS=config.gram_rows, GRADIENT_ROWS=config.gradient_rows, BLOCK=group.gram_block,
-            NUM_BLOCKS=group.block_r // group.gram_block, BLOCK_N=min(config.block_n, group.block_r),
-            BLOCK_K=group.block_k, NUM_K=group.block_r // group.block_k, ALIGNED=group.aligned,
+            GRAM_ROWS=config.gram_rows, GRADIENT_ROWS=config.gradient_rows, BLOCK=group.gram_block(config),
+            NUM_BLOCKS=group.block_r // group.gram_block(config), BLOCK_N=min(config.block_n, group.block_r),
+            BLOCK_K=group.block_k, NUM_K=group.block_r // group.block_k,
+            COMPLETE_ROWS=_complete_rows(group.block_r, group.block_k, config.num_warps),
+            ALIGNED=group.aligned,
             OUT_ALIGNED=out_aligned, VEC=group.vec, VALUE_BLOCK=1024,
             **{name: per_call[name] for name in _PER_CALL},
         )
-        options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-        if config.max_registers is not None:
-            options["maxnreg"] = config.max_registers
         try:
-            compiled = _ortho_kernel[(programs,)](**arguments, **options)
+            compiled = _ortho_kernel[(programs,)](**arguments, num_warps=config.num_warps,
+                                                  num_stages=config.num_stages)
         except OutOfResources:
             if i == len(candidates) - 1:
                 raise
