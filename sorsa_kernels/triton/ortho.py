@@ -800,7 +800,10 @@ def _accumulator(precision: int):
 
 def _complete_rows(block_r: int, block_k: int, num_warps: int) -> int:
     """Rows of the Gram matrix the completing item handles at once: about 8 elements per thread
-    (its tiles of 64-bit pointers would otherwise dominate the kernel's registers)."""
+    (its tiles of 64-bit pointers would otherwise dominate the kernel's registers); under the
+    interpreter, half the matrix (still two steps, at a fraction of the interpreted time)."""
+    if _triton_interpreted():
+        return max(1, block_r // 2)
     return min(block_r, max(1, 8 * 32 * num_warps // block_k))
 
 
