@@ -413,6 +413,42 @@ def test_realistic_sizes_on_gpu(dtype, form):
         assert_close(p.grad, 0.5 * ref, TOL[dtype], f"grad {i} (grad_)")
 
 
+# Two decoder layers of Llama-2-7B adapters at r = 128: 28 factors of 4096 and 11008 rows.
+LLAMA2_LAYERS = (
+    [(out, 128) for out, _ in [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]] * 2,
+    [(128, in_) for _, in_ in [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]] * 2,
+)
+
+
+@gpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_llama_layers_on_gpu(deterministic):
+    """The default queue (many Gram items per matrix, atomics, waits) at real sizes, and the
+    deterministic path bitwise repeatable."""
+    Us, Vts = make(LLAMA2_LAYERS, torch.float32)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        with poisoned_allocations():
+            value = ortho_reg(Us, Vts, "official", backend="triton")
+            grads = torch.autograd.grad(value, Us + Vts)
+        check(value, grads, Us, Vts, "official", 1e-5)
+        runs = []
+        for _ in range(2):
+            for p in Us + Vts:
+                p.grad = None
+            with poisoned_allocations():
+                runs.append([ortho_reg_grad_(Us, Vts, 0.5, "official", backend="triton")] +
+                            [p.grad.clone() for p in Us + Vts])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    ref_value, ref_grads = expected(Us, Vts, "official")
+    assert_close(runs[0][0], ref_value, 1e-5, "value (grad_)")
+    for i, (grad, ref) in enumerate(zip(runs[0][1:], ref_grads)):
+        assert_close(grad, 0.5 * ref, 1e-5, f"grad {i} (grad_)")
+    if deterministic:
+        assert all(torch.equal(a, b) for a, b in zip(*runs)), "two deterministic runs differ"
+
+
 @gpu
 def test_tf32_when_torch_allows_it():
     """With torch's TF32 matmuls allowed, float32 runs one TF32 product per tile: about 1e-3."""

@@ -263,30 +263,36 @@ def sweep() -> list[dict]:
 # -- Host cost -----------------------------------------------------------------------------------
 
 
+def _stub_first_launch(plan, group, variant, per_call):
+    """What the Triton backend keeps for repeated launches, without compiling or launching."""
+    from sorsa_kernels.triton import ortho as triton_ortho
+
+    mode, precision, deterministic, *_ = variant
+    config = triton_ortho._candidates(precision, group.block_r, group.itemsize)[0]
+    group.queue(mode, deterministic, config, plan.sms * config.programs_per_sm)
+    names = triton_ortho._ortho_kernel.arg_names
+    return triton_ortho._Launch(config, plan.sms, None, [None] * len(names),
+                                [names.index(name) for name in triton_ortho._PER_CALL])
+
+
 def host_cost(factors: int = 448, calls: int = 200) -> list[dict]:
-    """Microseconds per ``ortho_reg_grad_`` call on CPU tensors through the Triton backend with
-    the launch stubbed out: what a training step pays on the host besides the launch itself.
-    Rows: repeated calls (the training loop), calls whose ``.grad`` tensors are new each time
-    (``zero_grad(set_to_none=True)`` and a fresh allocation), and the first call (planning)."""
+    """Microseconds of host time per ``ortho_reg_grad_`` call on CPU tensors through the Triton
+    backend, with the launch itself stubbed out, in stages: what a training step pays on the
+    host besides the launch. The workspace is a CPU ``torch.zeros`` here (a real memset; on a
+    GPU an allocation from the caching allocator and an asynchronous fill), on one CPU thread:
+    a parallel fill's thread pool would only add its wake-up latency."""
+    from sorsa_kernels.ops import ortho as ops_ortho
     from sorsa_kernels.triton import ortho as triton_ortho
 
     Us, Vts = adapter_set([(64, 64)], factors // 2, 16, torch.device("cpu"))
 
-    def stub_first_launch(plan, group, variant, per_call):
-        mode, precision, deterministic, *_ = variant
-        config = triton_ortho._candidates(precision, group.block_r, group.itemsize)[0]
-        group.queue(mode, deterministic, config, plan.sms * config.programs_per_sm)
-        names = triton_ortho._ortho_kernel.arg_names
-        return triton_ortho._Launch(config, plan.sms, None, [None] * len(names),
-                                    [names.index(name) for name in triton_ortho._PER_CALL])
-
-    def per_call_us(setup=None) -> float:
+    def us_per_call(fn, setup=None) -> float:
         total = 0.0
         for _ in range(calls):
             if setup is not None:
                 setup()
             start = time.perf_counter()
-            ortho_reg_grad_(Us, Vts, COEFF, "official", backend="triton")
+            fn()
             total += time.perf_counter() - start
         return total / calls * 1e6
 
@@ -294,17 +300,46 @@ def host_cost(factors: int = 448, calls: int = 200) -> list[dict]:
         for p in Us + Vts:
             p.grad = torch.zeros_like(p)
 
-    with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}), \
-            mock.patch.object(triton_ortho, "_first_launch", stub_first_launch), \
-            mock.patch.object(triton_ortho, "_launch_kernel", lambda *args: None):
-        start = time.perf_counter()
+    def call():
         ortho_reg_grad_(Us, Vts, COEFF, "official", backend="triton")
-        first = (time.perf_counter() - start) * 1e6
-        rows = [
-            {"case": "repeated call", "factors": len(Us + Vts), "us_per_call": per_call_us()},
-            {"case": "new .grad tensors each call", "factors": len(Us + Vts), "us_per_call": per_call_us(fresh_grads)},
-            {"case": "first call (validation, plan, tables)", "factors": len(Us + Vts), "us_per_call": first},
-        ]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}), \
+                mock.patch.object(triton_ortho, "_first_launch", _stub_first_launch), \
+                mock.patch.object(triton_ortho, "_launch_kernel", lambda *args: None):
+            start = time.perf_counter()
+            call()
+            first = (time.perf_counter() - start) * 1e6
+            plan = ops_ortho._factor_set(Us, Vts, "official")[2].plans["triton"]
+            grads = [p.grad for p in Us + Vts]
+            group = plan.groups[0]
+            grams, norms, counters = plan.workspace()
+            value = torch.empty((), device=plan.device)
+
+            table = plan.output_tables(grads)[0][0]
+
+            def run_step():
+                triton_ortho._run(plan, group, "step", plan.per_call(group, counters, grams, norms, value, official=1,
+                                                                     outs=table, coeff=COEFF))
+
+            stages = [
+                ("factor set: identities, data pointers", lambda: ops_ortho._factor_set(Us, Vts, "official")),
+                (".grad tensors gathered, None check", lambda: ops_ortho._grads(Us + Vts)),
+                ("output table: .grad data pointers", lambda: plan.output_tables(grads)),
+                ("workspace (torch.zeros) and value (torch.empty)",
+                 lambda: (plan.workspace(), torch.empty((), device=plan.device))),
+                ("per-call arguments, stubbed launch", run_step),
+                ("whole call, same .grad tensors", call),
+            ]
+            rows = [{"case": name, "us_per_call": us_per_call(fn)} for name, fn in stages]
+            rows.append({"case": "whole call, new .grad tensors", "us_per_call": us_per_call(call, fresh_grads)})
+            rows.append({"case": "first call (validation, plan, tables)", "us_per_call": first})
+    finally:
+        torch.set_num_threads(threads)
+    for row in rows:
+        row["factors"] = len(Us + Vts)
     return rows
 
 

@@ -19,8 +19,8 @@ Gram matrices and norms are float32 (float64 when any factor is float64).
     pointer tables stay valid).
 
 ``forward(plan, Us, Vts, form) -> (value, grams, norms)``
-    The penalty's value (0-dim), every ``G_i`` zero-padded to ``R = max r_i`` (``[n, R, R]``)
-    and every ``‖D_i‖_F`` (``[n]``).
+    The penalty's value (0-dim), every ``G_i`` zero-padded to a common width ``W >= max r_i``
+    of the backend's choice (``[n, W, W]``) and every ``‖D_i‖_F`` (``[n]``).
 
 ``backward(plan, Us, Vts, grams, norms, form, scale, wanted) -> list``
     ``scale·∂P/∂factor`` for every factor whose entry of ``wanted`` is true (None for the others),

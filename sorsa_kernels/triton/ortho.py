@@ -9,14 +9,17 @@ adapters of any shapes; factors of different dtypes take one launch per dtype.
 One launch, a queue of work items
     A grid of a few programs per SM takes work items in order from an atomic ticket counter
     until none is left. A Gram item sums ``X[rows]ᵀ X[rows]`` over one chunk of rows of one
-    matrix (one block pair of it when ``r > 128``) and adds the upper triangle into the zeroed
-    ``[n, R, R]`` stack (relaxed atomics when the matrix has several items, a store otherwise);
-    then it counts itself on the matrix's arrival counter. The item that arrives last completes
-    the matrix: it mirrors the lower triangle, stores ``‖G − I‖_F``, and releases the matrix
-    with one more increment. A gradient item takes one chunk of rows (and one block of
-    columns): it waits until its matrix is released, computes the coefficient of the chosen
-    form from the norm, and writes or adds ``coeff·X(G − I)`` into the output. The program
-    that leaves last sums the norms into the value, in a fixed order.
+    matrix (one block pair of it when ``r`` exceeds the Gram block, 128 by default) and adds
+    it into the zeroed ``[n, W, W]`` stack (``W``: the widest rank rounded up to 16; relaxed
+    16-byte atomics when the matrix has several items, a store otherwise); then it counts
+    itself on the matrix's arrival counter. The item that arrives last completes the matrix:
+    it makes the sum symmetric (see :func:`_complete_gram`), stores ``‖G − I‖_F``, and
+    releases the matrix with one more increment. A gradient item takes one chunk of rows (and
+    one block of columns): it waits until its matrix is released, computes the coefficient of
+    the chosen form from the norm, and writes or adds ``coeff·X(G − I)`` into the output. The
+    program that leaves last sums the norms into the value, in a fixed order. Both kinds of
+    item are separate (noinline) functions: their registers are allocated apart, and nothing
+    they compute is hoisted out of the queue loop to stay live across it.
 
 Order of the queue (host side, :func:`_work_order`)
     A matrix's gradient items come after all of its Gram items and, for the re-read of ``X``
@@ -35,9 +38,9 @@ Order of the queue (host side, :func:`_work_order`)
 Memory ordering
     Each item's atomic Gram updates (or stores) are followed by a CTA barrier and the
     arrival increment with release semantics (acquire too: the last arriver reads every other
-    item's updates); the completing item's mirror and norm are published by a barrier and a
-    release increment; a waiting item spins on an acquire load. Everything written in the
-    launch is read back through L2 (``.cg``), never through a possibly stale L1.
+    item's updates); the completing item's symmetric matrix and norm are published by a
+    barrier and a release increment; a waiting item spins on an acquire load. Everything
+    written in the launch is read back through L2 (``.cg``), never through a possibly stale L1.
 
 Precision
     float32 factors run 3xTF32 unless torch allows TF32 matmuls
@@ -53,8 +56,15 @@ Precision
 
 Determinism
     Under ``torch.use_deterministic_algorithms(True)`` no matrix is cut into several Gram items
-    (each sum is a plain store) and the queue runs every Gram item first; all other results
-    are written by exactly one program, and the value is summed in a fixed order.
+    (each sum is a plain store) and the queue runs every Gram item first, longest first, then
+    the gradient items in the order their matrices should complete; all other results are
+    written by exactly one program, and the value is summed in a fixed order.
+
+Host side
+    A :class:`Plan` holds the device tables; each group remembers, per variant, its compiled
+    kernel and argument list, so that a repeated call fills in a few per-call arguments and
+    launches the compiled kernel directly (no argument binding by the JIT). The output table of
+    ``.grad`` tensors is rebuilt only when their data pointers change.
 """
 
 from __future__ import annotations
@@ -657,7 +667,8 @@ class _Group:
                                   torch.int64, plan.device)
         self._queues: dict[tuple, tuple[torch.Tensor, int]] = {}
         self.launches: dict[tuple, object] = {}
-        # Backward outputs: {wanted factors: (device table, per member (offset, shape) or None, elements)}.
+        # Backward outputs: {wanted factors: (device table, per member (offset, shape) or None,
+        # elements of the buffer, aligned)}.
         self._flat_outputs: dict[tuple, tuple] = {}
 
     def queue(self, mode: str, deterministic: bool, config: Config, programs: int) -> tuple[torch.Tensor, int]:
@@ -672,10 +683,9 @@ class _Group:
     def gram_block(self, config: Config) -> int:
         return min(self.block_r, config.gram_block)
 
-
-    def output_table(self, outs: list) -> tuple[torch.Tensor, bool]:
-        """Device table of the given outputs (shaped like their factors, absolute addresses, any
-        layout) and whether every access of the launch can be 16 bytes wide."""
+    def output_layout(self, outs: list) -> tuple[torch.Tensor, bool]:
+        """The output table of these outputs (shaped like their factors, any layout) without
+        their addresses, on the host, and whether their layouts allow 16-byte accesses."""
         rows, aligned = [], self.aligned
         for i, p, L, r, sl, sr, kind in self.members:
             out = outs[i]
@@ -686,9 +696,20 @@ class _Group:
                                  f"{self.plan.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
             out_sl, out_sr = out.stride()[::-1] if is_vt else out.stride()
             joint = kind if _kind(r, out_sl, out_sr) == kind else STRIDED.value
-            aligned = aligned and _vectorizable(out.data_ptr(), L, r, out_sl, out_sr, joint, self.vec)
-            rows.append([out.data_ptr(), out_sl, out_sr, joint])
-        return _device_table(rows, OUT_FIELDS.value, torch.int64, self.plan.device), aligned
+            aligned = aligned and _vectorizable(0, L, r, out_sl, out_sr, joint, self.vec)
+            rows.append([0, out_sl, out_sr, joint])
+        return torch.tensor(rows, dtype=torch.int64).reshape(-1, OUT_FIELDS.value), aligned
+
+    def output_table(self, layout: tuple[torch.Tensor, bool], pointers: list[int]) -> tuple[torch.Tensor, bool]:
+        """The device table of outputs laid out as ``layout`` at these addresses (of every
+        factor), and whether all accesses can be 16 bytes wide."""
+        template, aligned = layout
+        addresses = [pointers[i] for i in self.indices]
+        table = template.clone()
+        table[:, OUT_OFFSET.value] = torch.tensor(addresses, dtype=torch.int64)
+        if self.plan.device.type == "cuda":
+            table = table.pin_memory().to(self.plan.device, non_blocking=True)
+        return table, aligned and all(address % 16 == 0 for address in addresses)
 
     def flat_outputs(self, wanted: tuple) -> tuple:
         """For gradients returned by the backward pass: one buffer holds them all, each laid
@@ -706,7 +727,7 @@ class _Group:
                 views.append((offset, (r, L) if is_vt else (L, r)))
                 offset += -(-L * r // self.vec) * self.vec  # every output starts on 16 bytes
             # Joint kind: a factor laid out otherwise than its output goes the strided way.
-            for row, (_, _, L, r, _, _, kind) in zip(rows, self.members):
+            for row, (*_, kind) in zip(rows, self.members):
                 if row[3] != SKIP.value and row[3] != kind:
                     row[3] = STRIDED.value
             aligned = self.aligned and all(row[3] != STRIDED.value for row in rows)
@@ -747,9 +768,13 @@ class Plan:
         # often reallocated at the addresses they had.
         self._output_tables: OrderedDict[tuple, list] = OrderedDict()
         self._latest_outputs: tuple = (None, None)
+        # Strides of the outputs whose layouts (per group: host table without addresses, aligned)
+        # were checked last.
+        self._output_strides: list | None = None
+        self._output_layouts: list = []
 
     def workspace(self):
-        """Zeroed Gram stack ``[n, R, R]``, norms ``[n]`` and counters (one allocation, one fill)."""
+        """Zeroed Gram stack ``[n, W, W]``, norms ``[n]`` and counters (one allocation, one fill)."""
         workspace = torch.zeros(self._workspace_elements, dtype=self.gram_dtype, device=self.device)
         grams = workspace[: self._norms_at].view(self.count, self.width, self.width)
         norms = workspace[self._norms_at : self._counters_at]
@@ -772,16 +797,21 @@ class Plan:
 
     def output_tables(self, outs: list) -> list:
         """Per group, the device table of these outputs (every factor's, shaped like it) and
-        whether it is aligned, cached under
-        their data pointers (a reallocated ``.grad`` keeps its layout: autograd lays it out like
-        its parameter)."""
+        whether it is aligned, cached under their data pointers. New pointers with the strides
+        of the latest outputs (``.grad`` tensors reallocated each step: autograd lays them out
+        like their parameters) only refill the address column."""
         pointers = list(map(torch.Tensor.data_ptr, outs))
         if pointers == self._latest_outputs[0]:
             return self._latest_outputs[1]
         key = tuple(pointers)
         tables = self._output_tables.get(key)
         if tables is None:
-            tables = self._output_tables[key] = [group.output_table(outs) for group in self.groups]
+            strides = list(map(torch.Tensor.stride, outs))
+            if strides != self._output_strides:
+                self._output_layouts = [group.output_layout(outs) for group in self.groups]
+                self._output_strides = strides
+            tables = [group.output_table(layout, pointers) for group, layout in zip(self.groups, self._output_layouts)]
+            self._output_tables[key] = tables
             while len(self._output_tables) > self._OUTPUT_TABLES_CACHED:
                 self._output_tables.popitem(last=False)
         else:
@@ -829,10 +859,10 @@ class _Launch:
         arguments = self.arguments.copy()
         for slot, name in zip(self.slots, _PER_CALL):
             arguments[slot] = per_call[name]
-        _launch_kernel(self.kernel, self.programs, self.config, arguments)
+        _launch_kernel(self.kernel, self.programs, arguments)
 
 
-def _launch_kernel(kernel, programs: int, config: Config, arguments: list):
+def _launch_kernel(kernel, programs: int, arguments: list):
     """Launch ``kernel`` (already compiled) with every argument in order."""
     kernel[(programs, 1, 1)](*arguments)
 
@@ -870,8 +900,7 @@ def _first_launch(plan: Plan, group: _Group, variant: tuple, per_call: dict) -> 
             NUM_BLOCKS=group.block_r // group.gram_block(config), BLOCK_N=min(config.block_n, group.block_r),
             BLOCK_K=group.block_k, NUM_K=group.block_r // group.block_k,
             COMPLETE_ROWS=_complete_rows(group.block_r, group.block_k, config.num_warps),
-            ALIGNED=group.aligned,
-            OUT_ALIGNED=out_aligned, VEC=group.vec, VALUE_BLOCK=1024,
+            ALIGNED=group.aligned, OUT_ALIGNED=out_aligned, VEC=group.vec, VALUE_BLOCK=1024,
             **{name: per_call[name] for name in _PER_CALL},
         )
         try:
