@@ -83,7 +83,7 @@ def main():
         # Rank 16 of 3xTF32 only (the others stay far below the register file), besides 128.
         for block_r in (16, 128) if precision == ortho.F32_3XTF32.value else (128,):
             itemsize = dtype.primitive_bitwidth // 8
-            configs = configs_of(block_r) if configs_of else ortho._candidates(precision, block_r, itemsize)[:1]
+            configs = configs_of(block_r) if configs_of else ortho.default_configs(precision, block_r, itemsize)[:1]
             # The fused step of every variant; the autograd passes of the main one (compile time).
             main = precision == ortho.F32_3XTF32.value and block_r == 128
             for mode in ("step", "forward", "backward") if main or configs_of else ("step",):

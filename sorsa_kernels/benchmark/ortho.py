@@ -14,12 +14,13 @@ of one ``ortho_reg_grad_`` call (it hides behind the GPU only while it is shorte
 ``rel_err`` is the relative error of the value and every gradient (the worst of them) of one
 ``ortho_reg_grad_`` call against float64.
 
-``python -m sorsa_kernels.benchmark.ortho [--quick] [--sweep] [--host]``: ``--quick`` runs a
-tiny set on the CPU (a smoke test, not a measurement); ``--sweep`` also times the Triton kernel
-on every set under the configurations of :func:`sweep_configs` and prints the best per set;
-``--host`` times the host side of ``ortho_reg_grad_`` alone on CPU tensors (448 factors, the
-Triton backend's planning, pointer checks and argument packing, with the kernel launch itself
-stubbed out), so it runs on any machine.
+``python -m sorsa_kernels.benchmark.ortho [--quick | --sweep | --host]``: without an option, the
+table above on the GPU; ``--quick`` runs a tiny set on the CPU (a smoke test, not a
+measurement); ``--sweep`` instead times ``ortho_reg_grad_`` on every set under the Triton
+configurations of :func:`sweep` and prints the best per set; ``--host`` times the host side of
+``ortho_reg_grad_`` alone on CPU tensors (448 factors, the Triton backend's planning, pointer
+checks and argument packing, with the kernel launch itself stubbed out), so it runs on any
+machine.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ _TILES = {
 }
 # Runtime knobs tried with the best tiles: rows per work item (in units of 256 KiB of float32
 # factor rows at r = 128, so the same list fits every rank), lag, programs per SM.
-_CHUNK_KIB = (64, 128, 256, 512, 1024)
+_CHUNK_KIB = (128, 256, 512, 1024)
 _LAGS = (0.5, 1.0, 2.0, math.inf)
 _PROGRAMS_PER_SM = (1, 2)
 
@@ -202,7 +203,7 @@ def sweep_configs(block_r: int) -> list:
     default runtime knobs)."""
     from sorsa_kernels.triton import ortho as triton_ortho
 
-    default = triton_ortho._candidates(triton_ortho.F32_3XTF32.value, block_r, 4)[0]
+    default = triton_ortho.default_configs(triton_ortho.F32_3XTF32.value, block_r, 4)[0]
     return [dataclasses.replace(default, gram_rows=g, gradient_rows=d, block_n=n, num_warps=w, num_stages=s,
                                 gram_block=b, chunk_rows=max(default.chunk_rows, g, d))
             for g, d, n, w, s, b in _TILES[block_r]]
@@ -218,23 +219,25 @@ def _runtime_configs(tiles, block_r: int) -> list:
     return configs
 
 
-def sweep() -> list[dict]:
+def sweep(sets=SETS, device: str = "cuda") -> list[dict]:
     """``ortho_reg_grad_`` on every set under every configuration of the sweep: stage A tries
     each tile configuration with the default runtime knobs, stage B the runtime knobs with the
     best tiles. Prints the best per set."""
     from sorsa_kernels.triton import ortho as triton_ortho
 
-    bandwidth = copy_bandwidth(torch.device("cuda"))
+    device = torch.device(device)
+    bandwidth = copy_bandwidth(device)
     rows, best = [], []
     try:
-        for name, layer, layers, rank in SETS:
-            Us, Vts = adapter_set(layer, layers, rank, torch.device("cuda"))
+        for name, layer, layers, rank in sets:
+            Us, Vts = adapter_set(layer, layers, rank, device)
             floor = floor_ms(Us, Vts, bandwidth)
 
             def time_config(stage, config):
                 triton_ortho.override = config
                 try:
-                    ms = median_ms(lambda: ortho_reg_grad_(Us, Vts, COEFF, "official"), warmup_ms=10, rep_ms=40)
+                    ms = median_ms(lambda: ortho_reg_grad_(Us, Vts, COEFF, "official", backend="triton"),
+                                   warmup_ms=10, rep_ms=40)
                 except Exception as error:  # a configuration beyond the device's limits
                     ms = math.nan
                     print(f"{name} {config}: {type(error).__name__}: {str(error)[:120]}")
@@ -249,7 +252,8 @@ def sweep() -> list[dict]:
             stage_b = [time_config("B", config) for config in _runtime_configs(tile_config, block_r)]
             best.append(min(stage_a + stage_b, key=lambda row: (math.isnan(row["ms"]), row["ms"])))
             del Us, Vts
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     finally:
         triton_ortho.override = None
     columns = ["set", "stage", "gram_rows", "gradient_rows", "block_n", "gram_block", "chunk_rows", "lag", "num_warps",
@@ -268,7 +272,7 @@ def _stub_first_launch(plan, group, variant, per_call):
     from sorsa_kernels.triton import ortho as triton_ortho
 
     mode, precision, deterministic, *_ = variant
-    config = triton_ortho._candidates(precision, group.block_r, group.itemsize)[0]
+    config = triton_ortho.default_configs(precision, group.block_r, group.itemsize)[0]
     group.queue(mode, deterministic, config, plan.sms * config.programs_per_sm)
     names = triton_ortho._ortho_kernel.arg_names
     return triton_ortho._Launch(config, plan.sms, None, [None] * len(names),
@@ -346,20 +350,19 @@ def host_cost(factors: int = 448, calls: int = 200) -> list[dict]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny set on the CPU (smoke test)")
-    parser.add_argument("--sweep", action="store_true", help="also time the kernel under the sweep's configurations")
+    parser.add_argument("--sweep", action="store_true", help="time the kernel under the sweep's configurations")
     parser.add_argument("--host", action="store_true", help="only the host cost per call, on CPU tensors")
     args = parser.parse_args()
     if args.host:
         rows = host_cost()
         print(format_table(rows, ["case", "factors", "us_per_call"]))
         print(f"results: {write_results('ortho-host', rows)}")
-        return
-    rows = run(args.quick)
-    print(format_table(rows, COLUMNS))
-    print(f"results: {write_results('ortho', rows)}")
-    if args.sweep and not args.quick:
-        tuning = sweep()
-        print(f"results: {write_results('ortho-sweep', tuning)}")
+    elif args.sweep:
+        print(f"results: {write_results('ortho-sweep', sweep())}")
+    else:
+        rows = run(args.quick)
+        print(format_table(rows, COLUMNS))
+        print(f"results: {write_results('ortho', rows)}")
 
 
 if __name__ == "__main__":

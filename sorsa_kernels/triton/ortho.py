@@ -535,8 +535,12 @@ override: Config | None = None
 def _candidates(precision: int, block_r: int, itemsize: int) -> list[Config]:
     """Configurations to try in order: a later one is used when an earlier one runs out of
     registers or shared memory."""
-    if override is not None:
-        return [override]
+    return [override] if override is not None else default_configs(precision, block_r, itemsize)
+
+
+def default_configs(precision: int, block_r: int, itemsize: int) -> list[Config]:
+    """The default configurations for a precision plan, Gram width and factor itemsize, in
+    order of preference."""
     if _triton_interpreted():
         # Small chunks: many Gram items per matrix and gradient items interleaved with them.
         return [Config(16, 16, min(block_r, 32), 32, lag=1.0, programs_per_sm=2)]
