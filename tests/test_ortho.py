@@ -111,6 +111,18 @@ def test_grad_adds_into_existing_and_allocates_missing(backend, form):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_float64_keeps_the_coefficient_exact(backend):
+    """0.1 is not a float32: a coefficient rounded to one would be off by 1.5e-9."""
+    Us, Vts = make(MIXED, torch.float64)
+    with poisoned_allocations():
+        value = ortho_reg_grad_(Us, Vts, 0.1, "official", backend=backend)
+    ref_value, ref_grads = expected(Us, Vts, "official")
+    assert_close(value, ref_value, TOL[torch.float64], "value")
+    for i, (p, ref) in enumerate(zip(Us + Vts, ref_grads)):
+        assert_close(p.grad, 0.1 * ref, TOL[torch.float64], f"grad {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_repeated_steps_reuse_cached_plans(backend):
     """Same parameters, changing values and fresh .grad tensors each step, as in training."""
     Us, Vts = make(MIXED, torch.float32)

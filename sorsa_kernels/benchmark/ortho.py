@@ -193,8 +193,8 @@ _TILES = {
 }
 # Runtime knobs tried with the best tiles: rows per work item (in units of 256 KiB of float32
 # factor rows at r = 128, so the same list fits every rank), lag, programs per SM.
-_CHUNK_KIB = (128, 256, 512, 1024)
-_LAGS = (0.5, 1.0, 2.0, math.inf)
+_CHUNK_KIB = (64, 128, 256, 512, 1024)
+_LAGS = (0.0, 1.0, math.inf)
 _PROGRAMS_PER_SM = (1, 2)
 
 

@@ -73,9 +73,9 @@ import contextlib
 import dataclasses
 import heapq
 import math
-import struct
 from collections import OrderedDict
 
+import numpy
 import torch
 import triton
 import triton.language as tl
@@ -789,13 +789,15 @@ class Plan:
                  scale=None, coeff=1.0) -> dict:
         """The kernel arguments of one call for ``group``."""
         number = self.groups.index(group)
-        coeff_hi = struct.unpack("f", struct.pack("f", coeff))[0]  # float arguments are float32
+        # Float arguments are float32: the coefficient goes as a pair (exact to 2^-48 when finite).
+        coeff_hi = float(numpy.float32(coeff))
+        coeff_lo = coeff - coeff_hi if math.isfinite(coeff_hi) else 0.0
         # Pointers the variant does not use still need a tensor: any will do.
         return dict(
             outs=group.mats if outs is None else outs, out_base=out_base, grams=grams, norms=norms,
             value=norms if value is None else value, queue=counters[QUEUE_SLOTS * number : QUEUE_SLOTS * (number + 1)],
             arrivals=counters[QUEUE_SLOTS * len(self.groups) :], scale=norms if scale is None else scale,
-            coeff_hi=coeff_hi, coeff_lo=coeff - coeff_hi, official=official,
+            coeff_hi=coeff_hi, coeff_lo=coeff_lo, official=official,
             variant=(value is not None, scale is not None, out_aligned),
         )
 
