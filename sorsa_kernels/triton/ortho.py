@@ -133,6 +133,9 @@ HALF = tl.constexpr(3)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
 
+# How often a gradient item polls its matrix's arrival counter before it gives up (seconds).
+MAX_POLLS = tl.constexpr(1 << 24)
+
 # Gram blocks are at most this wide (a 128×128 float32 accumulator per program).
 MAX_GRAM_BLOCK = 128
 
@@ -390,8 +393,12 @@ def _gradient_item(item, mats, outs, out_base, grams, norms, arrivals, factor, g
     index = tl.load(entry + MAT_INDEX)
     if WAIT:  # until the completing Gram item has released the matrix (one past its item count)
         released = tl.load(item + WORK_GRAM_ITEMS) + 1
-        while tl.atomic_add(arrivals + index, 0, sem="acquire") < released:
-            pass
+        # A safety valve, never reached by a correct queue (the awaited items take microseconds):
+        # after seconds of polling the item goes on, so that a broken order shows up as wrong
+        # results rather than as a GPU hung for good.
+        polls = 0
+        while (tl.atomic_add(arrivals + index, 0, sem="acquire") < released) & (polls < MAX_POLLS):
+            polls += 1
     gram = grams + index * gram_stride
     norm = tl.load(norms + index, cache_modifier=".cg").to(ACC_DTYPE)
     if official != 0:
