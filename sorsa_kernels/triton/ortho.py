@@ -927,7 +927,8 @@ def _first_launch(plan: Plan, group: _Group, variant: tuple, per_call: dict) -> 
         if _triton_interpreted():
             return None
         names = _ortho_kernel.arg_names
-        return _Launch(config, programs, compiled, [arguments[name] for name in names],
+        # The per-call arguments are left out (the template must not keep this call's tensors alive).
+        return _Launch(config, programs, compiled, [None if name in _PER_CALL else arguments[name] for name in names],
                        [names.index(name) for name in _PER_CALL])
 
 
