@@ -1,7 +1,7 @@
 """Compile the ortho_reg Triton kernel for sm_90 (H100) without a GPU, as test_ortho runs it in a
 subprocess (TRITON_INTERPRET must be unset for that): the default configuration of the fused
-step (float32 3xTF32 at R = 16 and 128; float32 TF32 and bfloat16 at R = 128) and of the
-autograd passes (float32 3xTF32, R = 128) must compile, fit the shared memory of one H100 block and spill nothing to
+step (float32 3xTF32 at R = 16, 32, 64 and 128; float32 TF32 and bfloat16 at R = 128) and of
+the autograd passes (float32 3xTF32, R = 128) must compile, fit the shared memory of one H100 block and spill nothing to
 local memory. Prints one line per variant with its shared memory, registers and spills (ptxas
 of the Triton install, on the PTX).
 
@@ -80,8 +80,15 @@ def main():
     failures = 0
     variants = [(tl.float32, ortho.F32_3XTF32.value), (tl.float32, ortho.F32_TF32.value), (tl.bfloat16, ortho.HALF.value)]
     for dtype, precision in variants[:1] if configs_of else variants:  # the sweep times float32 sets
-        # Rank 16 of 3xTF32 only (the others stay far below the register file), besides 128.
-        for block_r in (16, 128) if precision == ortho.F32_3XTF32.value else (128,):
+        # Every width of 3xTF32, the widest of the others (their narrow ones stay far below the
+        # register file); the sweep's two.
+        if configs_of:
+            widths = (16, 128)
+        elif precision == ortho.F32_3XTF32.value:
+            widths = (16, 32, 64, 128)
+        else:
+            widths = (128,)
+        for block_r in widths:
             itemsize = dtype.primitive_bitwidth // 8
             configs = configs_of(block_r) if configs_of else ortho.default_configs(precision, block_r, itemsize)[:1]
             # The fused step of every variant; the autograd passes of the main one (compile time).

@@ -559,10 +559,14 @@ def default_configs(precision: int, block_r: int, itemsize: int) -> list[Config]
     chunk = max(256, min(4096, (256 << 10) // (block_r * itemsize)))
     if precision == F64.value:
         return [Config(16, 16, min(block_r, 32), chunk, 1.0, 4, 2), Config(16, 16, 16, chunk, 1.0, 4, 1)]
-    if block_r >= 128:
+    if block_r > MAX_GRAM_BLOCK:  # block pairs and blocks of G − I: a correctness path, kept small
+        return [Config(16, 16, 64, chunk, 1.0, 8, 2), Config(16, 16, 32, chunk, 1.0, 4, 1)]
+    if block_r == MAX_GRAM_BLOCK:
         return [Config(rows, 32, block_n, chunk, 1.0, 8, 3), Config(rows, 32, block_n, chunk, 1.0, 8, 2),
                 Config(16, 16, 32, chunk, 1.0, 4, 1)]
-    return [Config(rows, rows, block_n, chunk, 1.0, 4, 3), Config(32, 32, block_n, chunk, 1.0, 4, 2),
+    # Gradient tiles of up to 2048 accumulator elements per warp pair (no spills at 4 warps).
+    gradient_rows = min(rows, max(32, 2048 // block_r))
+    return [Config(rows, gradient_rows, block_n, chunk, 1.0, 4, 3), Config(32, 32, block_n, chunk, 1.0, 4, 2),
             Config(16, 16, block_n, chunk, 1.0, 4, 1)]
 
 
