@@ -1,5 +1,7 @@
 """ortho_reg and ortho_reg_grad_ on every backend against a float64 autograd oracle: the value and
-every gradient, both forms, mixed shapes, layouts and dtypes.
+every gradient, both forms, mixed shapes, layouts and dtypes; the Triton kernel's work queue
+(coverage and a deadlock-free order, on the host), many matrices cut into many work items, and
+the plan cache (new storage, new .grad tensors, dead tensors).
 
 Inputs are random factors whose Gram matrices are far from I, as the 1e-5 float32 contract is
 relative to ‖G − I‖: near an orthonormal factor, G − I is below float32's resolution of G itself
