@@ -1,10 +1,20 @@
-"""Compile the ortho_reg Triton kernels for sm_90 (H100) without a GPU, as test_ortho runs it
-in a subprocess (TRITON_INTERPRET must be unset for that): every default configuration of the
-main variants must compile and fit the shared memory of one H100 block. Prints one line per
-kernel with its shared memory."""
+"""Compile the ortho_reg Triton kernel for sm_90 (H100) without a GPU, as test_ortho runs it in a
+subprocess (TRITON_INTERPRET must be unset for that): the default configuration of the fused
+step (float32 3xTF32 at R = 16, 32, 64 and 128; float32 TF32 and bfloat16 at R = 128) and of
+the autograd passes (float32 3xTF32, R = 128) must compile, fit the shared memory of one H100 block and spill nothing to
+local memory. Prints one line per variant with its shared memory, registers and spills (ptxas
+of the Triton install, on the PTX).
+
+``python tests/ortho_hopper_compile.py [--all]``: ``--all`` compiles every tile configuration
+the benchmark sweep tries instead, in every mode (a look at their resources before a GPU run;
+some are expected to spill).
+"""
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
 
@@ -17,40 +27,79 @@ from sorsa_kernels.triton import ortho  # noqa: E402
 
 H100_SHARED_BYTES = 232448
 ALIGNED_POINTERS = [["tt.divisibility", 16]]
+POINTERS = {"mats": "*i64", "outs": "*i64", "work": "*i32", "queue": "*i32", "arrivals": "*i32", "grams": "*fp32",
+            "norms": "*fp32", "value": "*fp32", "scale": "*fp32"}
+FLOATS = {"coeff_hi": "fp32", "coeff_lo": "fp32"}
+INT64 = {"out_base": "i64"}
 
 
-def compile_kernel(fn, pointers: dict[str, str], constexprs: dict, config) -> int:
-    signature = {name: "constexpr" if name in constexprs else pointers.get(name, "i32") for name in fn.arg_names}
-    attrs = {(fn.arg_names.index(name),): ALIGNED_POINTERS for name in pointers}
-    kernel = triton.compile(
-        ASTSource(fn, signature, constexprs, attrs),
-        target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+def ptxas_usage(ptx: str) -> tuple[int, int]:
+    """(registers, spill bytes) of the kernel, from ptxas -v."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "kernel.ptx")
+        with open(source, "w") as f:
+            f.write(ptx)
+        report = subprocess.run([ptxas, "--gpu-name", "sm_90a", "-v", source, "-o", os.path.join(tmp, "k.cubin")],
+                                capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
+    return registers, spills
+
+
+def compile_variant(dtype, precision: int, block_r: int, mode: str, config) -> tuple[int, int, int]:
+    fn = ortho._ortho_kernel
+    itemsize = dtype.primitive_bitwidth // 8
+    constexprs = dict(
+        DTYPE=dtype, ACC_DTYPE=tl.float32, PRECISION=precision, GRAM=mode != "backward",
+        GRADIENT_PHASE=mode != "forward", VALUE=mode != "backward", SCALED=mode == "backward",
+        ACCUMULATE=mode == "step", GRAM_ROWS=config.gram_rows, GRADIENT_ROWS=config.gradient_rows,
+        BLOCK=min(block_r, config.gram_block), NUM_BLOCKS=max(1, block_r // config.gram_block),
+        BLOCK_N=min(config.block_n, block_r), BLOCK_K=min(block_r, ortho.MAX_GRAM_BLOCK),
+        NUM_K=max(1, block_r // ortho.MAX_GRAM_BLOCK),
+        COMPLETE_ROWS=ortho._complete_rows(block_r, min(block_r, ortho.MAX_GRAM_BLOCK), config.num_warps),
+        ALIGNED=True, OUT_ALIGNED=True, VEC=16 // itemsize,
+        VALUE_BLOCK=1024,
     )
-    return kernel.metadata.shared
+    signature = {name: "constexpr" if name in constexprs else {**POINTERS, **FLOATS, **INT64}.get(name, "i32")
+                 for name in fn.arg_names}
+    attrs = {(fn.arg_names.index(name),): ALIGNED_POINTERS for name in POINTERS}
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                            options=options)
+    registers, spills = ptxas_usage(kernel.asm["ptx"])
+    return kernel.metadata.shared, registers, spills
 
 
 def main():
+    configs_of = None
+    if "--all" in sys.argv:
+        from sorsa_kernels.benchmark.ortho import sweep_configs
+
+        configs_of = sweep_configs
     failures = 0
-    for dtype, precision in [(tl.float32, ortho.F32_3XTF32.value), (tl.float32, ortho.F32_TF32.value), (tl.bfloat16, ortho.HALF.value)]:
-        for block_r in (16, 128):
-            accumulator = tl.float32
-            config = ortho._candidates("gram", precision, block_r)[0]
-            gram = {"mats": "*i64", "work": "*i64", "grams": "*fp32"}
-            constexprs = dict(DTYPE=dtype, ACC_DTYPE=accumulator, PRECISION=precision, BLOCK_L=config.block_l,
-                              BLOCK=block_r, NUM_BLOCKS=1, ALIGNED=True, VEC=16 // (dtype.primitive_bitwidth // 8))
-            shared = compile_kernel(ortho._gram_kernel, gram, constexprs, config)
-            print(f"gram {dtype} precision {precision} R={block_r} {config}: shared {shared}")
-            failures += shared > H100_SHARED_BYTES
-            config = ortho._candidates("gradient", precision, block_r)[0]
-            gradient = {"mats": "*i64", "outs": "*i64", "work": "*i64", "grams": "*fp32", "norms": "*fp32", "scale": "*fp32"}
-            for accumulate in (True, False):
-                constexprs = dict(DTYPE=dtype, ACC_DTYPE=accumulator, PRECISION=precision, ACCUMULATE=accumulate,
-                                  BLOCK_L=config.block_l, BLOCK_N=config.block_n, BLOCK_K=block_r, NUM_K=1,
-                                  ALIGNED=True, VEC=16 // (dtype.primitive_bitwidth // 8))
-                shared = compile_kernel(ortho._gradient_kernel, gradient, constexprs, config)
-                print(f"gradient {dtype} precision {precision} R={block_r} accumulate={accumulate} {config}: shared {shared}")
-                failures += shared > H100_SHARED_BYTES
+    variants = [(tl.float32, ortho.F32_3XTF32.value), (tl.float32, ortho.F32_TF32.value), (tl.bfloat16, ortho.HALF.value)]
+    for dtype, precision in variants[:1] if configs_of else variants:  # the sweep times float32 sets
+        # Every width of 3xTF32, the widest of the others (their narrow ones stay far below the
+        # register file); the sweep's two.
+        if configs_of:
+            widths = (16, 128)
+        elif precision == ortho.F32_3XTF32.value:
+            widths = (16, 32, 64, 128)
+        else:
+            widths = (128,)
+        for block_r in widths:
+            itemsize = dtype.primitive_bitwidth // 8
+            configs = configs_of(block_r) if configs_of else ortho.default_configs(precision, block_r, itemsize)[:1]
+            # The fused step of every variant; the autograd passes of the main one (compile time).
+            main = precision == ortho.F32_3XTF32.value and block_r == 128
+            for mode in ("step", "forward", "backward") if main or configs_of else ("step",):
+                for config in configs if mode == "step" else configs[:1]:
+                    shared, registers, spills = compile_variant(dtype, precision, block_r, mode, config)
+                    bad = shared > H100_SHARED_BYTES or (spills > 0 and not configs_of)
+                    print(f"{'FAIL ' if bad else ''}{mode} {dtype} precision {precision} R={block_r} {config}: "
+                          f"shared {shared}, {registers} registers, {spills} bytes spilled")
+                    failures += bad
     sys.exit(1 if failures else 0)
 
 

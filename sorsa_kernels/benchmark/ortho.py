@@ -10,17 +10,27 @@ Columns: ``ms_grad_`` is ``ortho_reg_grad_`` (official form, the trainer's path:
 ``ms_loop`` is the reference loop (per factor ``torch.norm(UᵀU − I)``, summed, averaged,
 backward); ``floor_ms`` reads every factor once and reads and writes every ``.grad`` once, at
 the device-to-device copy bandwidth measured in the same run; ``host_ms`` is the Python time
-of one ``ortho_reg_grad_`` call (it hides behind the GPU only while it is shorter).
+of one ``ortho_reg_grad_`` call (it hides behind the GPU only while it is shorter);
+``rel_err`` is the relative error of the value and every gradient (the worst of them) of one
+``ortho_reg_grad_`` call against float64.
 
-``python -m sorsa_kernels.benchmark.ortho [--quick] [--sweep]``: ``--quick`` runs a tiny set on
-the CPU (a smoke test, not a measurement); ``--sweep`` also times each kernel of the 7B r=128
-set alone under a few tile configurations.
+``python -m sorsa_kernels.benchmark.ortho [--quick | --sweep | --host]``: without an option, the
+table above on the GPU; ``--quick`` runs a tiny set on the CPU (a smoke test, not a
+measurement); ``--sweep`` instead times ``ortho_reg_grad_`` on every set under the Triton
+configurations of :func:`sweep` and prints the best per set; ``--host`` times the host side of
+``ortho_reg_grad_`` alone on CPU tensors (448 factors, the Triton backend's planning, pointer
+checks and argument packing, with the kernel launch itself stubbed out), so it runs on any
+machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
+import os
 import time
+from unittest import mock
 
 import torch
 
@@ -32,9 +42,16 @@ from sorsa_kernels.benchmark.common import format_table, median_ms, write_result
 LLAMA2_7B = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
 LLAMA3_8B = [(4096, 4096)] * 2 + [(1024, 4096)] * 2 + [(14336, 4096)] * 2 + [(4096, 14336)]
 TINY = [(64, 64)] * 4 + [(176, 64)] * 2 + [(64, 176)]
+SETS = [
+    ("llama2-7b r=128", LLAMA2_7B, 32, 128),
+    ("llama3-8b r=128", LLAMA3_8B, 32, 128),
+    ("llama2-7b r=16", LLAMA2_7B, 32, 16),
+    ("llama3-8b r=16", LLAMA3_8B, 32, 16),
+]
 
 COEFF = 0.1
-COLUMNS = ["set", "n", "backend", "ms_grad_", "ms_autograd", "ms_loop", "speedup", "floor_ms", "ours/floor", "host_ms"]
+COLUMNS = ["set", "n", "backend", "ms_grad_", "ms_autograd", "ms_loop", "speedup", "floor_ms", "ours/floor", "host_ms",
+           "rel_err"]
 
 
 def adapter_set(layer, layers: int, rank: int, device, dtype=torch.float32):
@@ -63,6 +80,27 @@ def loop_reference(Us, Vts, coeff: float):
     (coeff * total / count).backward()
 
 
+def float64_error(Us, Vts) -> float:
+    """Worst relative error (value, then each gradient) of one ``ortho_reg_grad_`` call against
+    the official form in float64, one matrix at a time."""
+    for p in Us + Vts:
+        p.grad.zero_()
+    value = ortho_reg_grad_(Us, Vts, COEFF, "official")
+    factors = [U.detach().double() for U in Us] + [Vt.detach().double().T for Vt in Vts]
+    norms, deviations = [], []
+    for x in factors:
+        deviation = x.T @ x - torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        deviations.append(deviation)
+        norms.append(torch.linalg.matrix_norm(deviation))
+    norms = torch.stack(norms)
+    worst = ((value.double() - norms.mean()).abs() / norms.mean()).item()
+    for i, (p, x, deviation) in enumerate(zip(Us + Vts, factors, deviations)):
+        grad = COEFF * 2 * x @ deviation / (len(factors) * norms[i])
+        ours = p.grad.double() if i < len(Us) else p.grad.double().T
+        worst = max(worst, ((ours - grad).norm() / grad.norm()).item())
+    return worst
+
+
 def copy_bandwidth(device) -> float:
     """Bytes per millisecond of a large device-to-device copy (read + write counted)."""
     elements = (1 << 28) if device.type == "cuda" else (1 << 22)
@@ -89,6 +127,11 @@ def host_ms(fn, device, calls: int = 20) -> float:
     return elapsed / calls * 1000
 
 
+def floor_ms(Us, Vts, bandwidth: float) -> float:
+    """Read every factor once, read and write every ``.grad`` once."""
+    return sum(p.nbytes for p in Us + Vts) * 3 / bandwidth
+
+
 def measure(name: str, Us, Vts, bandwidth: float) -> dict:
     device = Us[0].device
     params = Us + Vts
@@ -98,8 +141,7 @@ def measure(name: str, Us, Vts, bandwidth: float) -> dict:
     ms_grad_ = median_ms(grad_)
     ms_autograd = median_ms(autograd)
     ms_loop = median_ms(loop)
-    floor_bytes = sum(p.nbytes for p in params) * 3  # read the factor, read and write its .grad
-    floor_ms = floor_bytes / bandwidth
+    floor = floor_ms(Us, Vts, bandwidth)
     return {
         "set": name,
         "n": len(params),
@@ -108,10 +150,11 @@ def measure(name: str, Us, Vts, bandwidth: float) -> dict:
         "ms_autograd": ms_autograd,
         "ms_loop": ms_loop,
         "speedup": ms_loop / ms_grad_,
-        "floor_ms": floor_ms,
-        "ours/floor": ms_grad_ / floor_ms,
+        "floor_ms": floor,
+        "ours/floor": ms_grad_ / floor,
         "host_ms": host_ms(grad_, device),
-        "floor_GB": floor_bytes / 1e9,
+        "rel_err": float64_error(Us, Vts),
+        "floor_GB": floor * bandwidth / 1e9,
         "copy_GBps": bandwidth / 1e6,
     }
 
@@ -123,12 +166,7 @@ def run(quick: bool) -> list[dict]:
         sets = [("tiny-cpu-smoke r=8 (quick, not a measurement)", TINY, 2, 8)]
     else:
         device = torch.device("cuda")
-        sets = [
-            ("llama2-7b r=128", LLAMA2_7B, 32, 128),
-            ("llama3-8b r=128", LLAMA3_8B, 32, 128),
-            ("llama2-7b r=16", LLAMA2_7B, 32, 16),
-            ("llama3-8b r=16", LLAMA3_8B, 32, 16),
-        ]
+        sets = SETS
     bandwidth = copy_bandwidth(device)
     rows = []
     for name, layer, layers, rank in sets:
@@ -140,57 +178,191 @@ def run(quick: bool) -> list[dict]:
     return rows
 
 
-def sweep() -> list[dict]:
-    """Each Triton kernel alone on the Llama-2-7B r=128 set under a few tile configurations."""
+# -- Tuning sweep ------------------------------------------------------------------------------
+
+# Per Gram block width: (gram_rows, gradient_rows, block_n, num_warps, num_stages, gram_block), each
+# compiled once. At r = 128 (float32, 3xTF32) the first ones keep 8 warps for the 128×128 Gram
+# accumulator, where a 32-row gradient tile runs mma.sync; the 4-warp ones sum the Gram matrix
+# in 64-wide block pairs so that a 64-row gradient tile can run wgmma (it spills a little, like
+# round 1's fastest standalone gradient kernel).
+_TILES = {
+    128: [(32, 32, 64, 8, 3, 128), (32, 32, 64, 8, 2, 128), (64, 32, 64, 8, 2, 128), (32, 128, 64, 8, 2, 128),
+          (32, 64, 64, 4, 1, 64), (64, 64, 64, 4, 2, 64), (32, 64, 128, 4, 1, 64)],
+    16: [(128, 128, 16, 4, 3, 128), (64, 64, 16, 4, 3, 128), (128, 128, 16, 4, 4, 128), (128, 64, 16, 4, 2, 128),
+         (64, 128, 16, 8, 3, 128)],
+}
+# Runtime knobs tried with the best tiles: rows per work item (in units of 256 KiB of float32
+# factor rows at r = 128, so the same list fits every rank), lag, programs per SM.
+_CHUNK_KIB = (64, 128, 256, 512, 1024)
+_LAGS = (0.0, 1.0, math.inf)
+_PROGRAMS_PER_SM = (1, 2)
+
+
+def sweep_configs(block_r: int) -> list:
+    """Every tile configuration the sweep compiles for Gram blocks of ``block_r`` (with the
+    default runtime knobs)."""
     from sorsa_kernels.triton import ortho as triton_ortho
 
-    Us, Vts = adapter_set(LLAMA2_7B, 32, 128, torch.device("cuda"))
-    plan = triton_ortho.prepare(Us, Vts)
-    grams = triton_ortho.grams(plan, Us, Vts)
-    scale = torch.full((), COEFF, device=grams.device)
-    U_grads, Vt_grads = [U.grad for U in Us], [Vt.grad for Vt in Vts]
-    Config = triton_ortho.Config
-    trials = [("gram", Config(block_l, warps, stages)) for block_l in (16, 32, 64) for warps in (4, 8) for stages in (2, 3)]
-    trials += [
-        ("gradient", Config(block_l, warps, stages, block_n))
-        for block_l, block_n in ((32, 64), (64, 64), (32, 128), (64, 128), (128, 32))
-        for warps in (4, 8)
-        for stages in (1, 2)
-    ]
-    run_kernel = {
-        "gram": lambda: triton_ortho.grams(plan, Us, Vts),
-        "gradient": lambda: triton_ortho.add_penalty_grads_(
-            plan, Us, Vts, grams, "official", scale, U_grads, Vt_grads, accumulate=True
-        ),
-    }
-    rows = []
+    default = triton_ortho.default_configs(triton_ortho.F32_3XTF32.value, block_r, 4)[0]
+    return [dataclasses.replace(default, gram_rows=g, gradient_rows=d, block_n=n, num_warps=w, num_stages=s,
+                                gram_block=b, chunk_rows=max(default.chunk_rows, g, d))
+            for g, d, n, w, s, b in _TILES[block_r]]
+
+
+def _runtime_configs(tiles, block_r: int) -> list:
+    configs = []
+    for kib in _CHUNK_KIB:
+        rows = max(tiles.gram_rows, tiles.gradient_rows, (kib << 10) // (block_r * 4))
+        for lag in _LAGS:
+            for programs in _PROGRAMS_PER_SM:
+                configs.append(dataclasses.replace(tiles, chunk_rows=rows, lag=lag, programs_per_sm=programs))
+    return configs
+
+
+def sweep(sets=SETS, device: str = "cuda") -> list[dict]:
+    """``ortho_reg_grad_`` on every set under every configuration of the sweep: stage A tries
+    each tile configuration with the default runtime knobs, stage B the runtime knobs with the
+    best tiles. Prints the best per set."""
+    from sorsa_kernels.triton import ortho as triton_ortho
+
+    device = torch.device(device)
+    bandwidth = copy_bandwidth(device)
+    rows, best = [], []
     try:
-        for kernel, config in trials:
-            triton_ortho.override[kernel] = config
-            try:
-                ms = median_ms(run_kernel[kernel])
-            except Exception as error:  # a configuration beyond the device's limits
-                ms = float("nan")
-                print(f"{kernel} {config}: {type(error).__name__}: {str(error)[:120]}")
-            triton_ortho.override.pop(kernel)
-            rows.append({"kernel": kernel, **{k: v for k, v in vars(config).items()}, "ms": ms})
+        for name, layer, layers, rank in sets:
+            Us, Vts = adapter_set(layer, layers, rank, device)
+            floor = floor_ms(Us, Vts, bandwidth)
+
+            def time_config(stage, config):
+                triton_ortho.override = config
+                try:
+                    ms = median_ms(lambda: ortho_reg_grad_(Us, Vts, COEFF, "official", backend="triton"),
+                                   warmup_ms=10, rep_ms=40)
+                except Exception as error:  # a configuration beyond the device's limits
+                    ms = math.nan
+                    print(f"{name} {config}: {type(error).__name__}: {str(error)[:120]}")
+                row = {"set": name, "stage": stage, **vars(config), "ms": ms, "ours/floor": ms / floor}
+                rows.append(row)
+                return row
+
+            block_r = max(16, 1 << (rank - 1).bit_length())
+            stage_a = [time_config("A", config) for config in sweep_configs(block_r)]
+            tiles = min(stage_a, key=lambda row: (math.isnan(row["ms"]), row["ms"]))
+            tile_config = triton_ortho.Config(**{k: tiles[k] for k in vars(sweep_configs(block_r)[0])})
+            stage_b = [time_config("B", config) for config in _runtime_configs(tile_config, block_r)]
+            best.append(min(stage_a + stage_b, key=lambda row: (math.isnan(row["ms"]), row["ms"])))
+            del Us, Vts
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     finally:
-        triton_ortho.override.clear()
+        triton_ortho.override = None
+    columns = ["set", "stage", "gram_rows", "gradient_rows", "block_n", "gram_block", "chunk_rows", "lag", "num_warps",
+               "num_stages", "programs_per_sm", "ms", "ours/floor"]
+    print(format_table(rows, columns))
+    print("best per set:")
+    print(format_table(best, columns))
+    return rows
+
+
+# -- Host cost -----------------------------------------------------------------------------------
+
+
+def _stub_first_launch(plan, group, variant, per_call):
+    """What the Triton backend keeps for repeated launches, without compiling or launching."""
+    from sorsa_kernels.triton import ortho as triton_ortho
+
+    mode, precision, deterministic, *_ = variant
+    config = triton_ortho.default_configs(precision, group.block_r, group.itemsize)[0]
+    group.queue(mode, deterministic, config, plan.sms * config.programs_per_sm)
+    names = triton_ortho._ortho_kernel.arg_names
+    return triton_ortho._Launch(config, plan.sms, None, [None] * len(names),
+                                [names.index(name) for name in triton_ortho._PER_CALL])
+
+
+def host_cost(factors: int = 448, calls: int = 200) -> list[dict]:
+    """Microseconds of host time per ``ortho_reg_grad_`` call on CPU tensors through the Triton
+    backend, with the launch itself stubbed out, in stages: what a training step pays on the
+    host besides the launch. The workspace is a CPU ``torch.zeros`` here (a real memset; on a
+    GPU an allocation from the caching allocator and an asynchronous fill), on one CPU thread:
+    a parallel fill's thread pool would only add its wake-up latency."""
+    from sorsa_kernels.ops import ortho as ops_ortho
+    from sorsa_kernels.triton import ortho as triton_ortho
+
+    Us, Vts = adapter_set([(64, 64)], factors // 2, 16, torch.device("cpu"))
+
+    def us_per_call(fn, setup=None) -> float:
+        total = 0.0
+        for _ in range(calls):
+            if setup is not None:
+                setup()
+            start = time.perf_counter()
+            fn()
+            total += time.perf_counter() - start
+        return total / calls * 1e6
+
+    def fresh_grads():
+        for p in Us + Vts:
+            p.grad = torch.zeros_like(p)
+
+    def call():
+        ortho_reg_grad_(Us, Vts, COEFF, "official", backend="triton")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}), \
+                mock.patch.object(triton_ortho, "_first_launch", _stub_first_launch), \
+                mock.patch.object(triton_ortho, "_launch_kernel", lambda *args: None):
+            start = time.perf_counter()
+            call()
+            first = (time.perf_counter() - start) * 1e6
+            plan = ops_ortho._factor_set(Us, Vts, "official")[2].plans["triton"]
+            grads = [p.grad for p in Us + Vts]
+            group = plan.groups[0]
+            grams, norms, counters = plan.workspace()
+            value = torch.empty((), device=plan.device)
+
+            table = plan.output_tables(grads)[0][0]
+
+            def run_step():
+                triton_ortho._run(plan, group, "step", plan.per_call(group, counters, grams, norms, value, official=1,
+                                                                     outs=table, coeff=COEFF))
+
+            stages = [
+                ("factor set: identities, data pointers", lambda: ops_ortho._factor_set(Us, Vts, "official")),
+                (".grad tensors gathered, None check", lambda: ops_ortho._grads(Us + Vts)),
+                ("output table: .grad data pointers", lambda: plan.output_tables(grads)),
+                ("workspace (torch.zeros) and value (torch.empty)",
+                 lambda: (plan.workspace(), torch.empty((), device=plan.device))),
+                ("per-call arguments, stubbed launch", run_step),
+                ("whole call, same .grad tensors", call),
+            ]
+            rows = [{"case": name, "us_per_call": us_per_call(fn)} for name, fn in stages]
+            rows.append({"case": "whole call, new .grad tensors", "us_per_call": us_per_call(call, fresh_grads)})
+            rows.append({"case": "first call (validation, plan, tables)", "us_per_call": first})
+    finally:
+        torch.set_num_threads(threads)
+    for row in rows:
+        row["factors"] = len(Us + Vts)
     return rows
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny set on the CPU (smoke test)")
-    parser.add_argument("--sweep", action="store_true", help="also time each kernel under several tile configurations")
+    parser.add_argument("--sweep", action="store_true", help="time the kernel under the sweep's configurations")
+    parser.add_argument("--host", action="store_true", help="only the host cost per call, on CPU tensors")
     args = parser.parse_args()
-    rows = run(args.quick)
-    print(format_table(rows, COLUMNS))
-    print(f"results: {write_results('ortho', rows)}")
-    if args.sweep and not args.quick:
-        tuning = sweep()
-        print(format_table(tuning, ["kernel", "block_l", "block_n", "num_warps", "num_stages", "ms"]))
-        print(f"results: {write_results('ortho-sweep', tuning)}")
+    if args.host:
+        rows = host_cost()
+        print(format_table(rows, ["case", "factors", "us_per_call"]))
+        print(f"results: {write_results('ortho-host', rows)}")
+    elif args.sweep:
+        print(f"results: {write_results('ortho-sweep', sweep())}")
+    else:
+        rows = run(args.quick)
+        print(format_table(rows, COLUMNS))
+        print(f"results: {write_results('ortho', rows)}")
 
 
 if __name__ == "__main__":

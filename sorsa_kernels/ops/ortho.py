@@ -10,11 +10,19 @@ kernel launches does not grow with the number of adapters (on backends that batc
 The math lives in :mod:`sorsa_kernels.reference.ortho`. A training loop calls these with the
 same parameters every step, so everything about a factor set that does not change between
 steps (validation, the backend's plan, e.g. device-side pointer tables) is cached under the
-factors' data pointers, shapes, strides and dtypes: a repeated call only reads that metadata.
+identities of the parameter tensors and checked against their data pointers: a repeated call
+reads one pointer per factor (and per ``.grad``), nothing else. A cached set is dropped when
+one of its tensors is garbage collected (so a new tensor reusing an identity cannot match).
+Changing a parameter's shape or strides in place while it keeps its storage address
+(``p.data = p.data[:, :k]``, ``set_``, ``as_strided_``) is not detected: pass new parameters.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+import operator
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -22,18 +30,22 @@ import torch
 
 from sorsa_kernels.backends import implementation, resolve
 from sorsa_kernels.ops._validate import check_number, check_same_device, check_tensor
-from sorsa_kernels.reference.ortho import FORMS, deviation_norms, penalty_value
+from sorsa_kernels.reference.ortho import FORMS
 
 _FACTOR_SETS_CACHED = 8
+_data_ptr = torch.Tensor.data_ptr
+_grad = operator.attrgetter("grad")
 
 
 class _FactorSet:
-    """A validated factor set: its device, ranks and each backend's plan."""
+    """A validated factor set: its device, data pointers and each backend's plan."""
 
-    def __init__(self, Us: list[torch.Tensor], Vts: list[torch.Tensor]):
+    def __init__(self, Us: list[torch.Tensor], Vts: list[torch.Tensor], key: tuple):
         self.device = (Us or Vts)[0].device
-        self.ranks = torch.tensor([U.shape[1] for U in Us] + [Vt.shape[0] for Vt in Vts], device=self.device)
+        self.pointers = (list(map(_data_ptr, Us)), list(map(_data_ptr, Vts)))
         self.plans: dict[str, object] = {}
+        # When a factor dies its identity may be reused by a new tensor: drop the set with it.
+        self._watchers = [weakref.ref(t, functools.partial(_forget, key)) for t in Us + Vts]
 
     def plan(self, backend: str, Us, Vts):
         if backend not in self.plans:
@@ -42,10 +54,14 @@ class _FactorSet:
 
 
 _factor_sets: OrderedDict[tuple, _FactorSet] = OrderedDict()
+# The key and set of the latest call: a training loop finds its set here without hashing the key.
+_latest: list = [None, None]
 
 
-def _fingerprint(tensors: list[torch.Tensor]) -> tuple:
-    return tuple([(t.data_ptr(), t.shape, t.stride(), t.dtype) for t in tensors])
+def _forget(key, _reference):
+    _factor_sets.pop(key, None)
+    if _latest[0] == key:
+        _latest[:] = [None, None]
 
 
 def _as_list(name: str, value) -> list:
@@ -69,7 +85,8 @@ def _validate(Us: list, Vts: list):
     check_same_device(names[0], factors[0], **dict(zip(names[1:], factors[1:])))
     # The same storage twice would race in backends that update every .grad concurrently.
     seen: dict[tuple, str] = {}
-    for name, key in zip(names, _fingerprint(factors)):
+    for name, t in zip(names, factors):
+        key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
         if key[0] != 0 and key in seen:
             raise ValueError(f"{name} is the same matrix as {seen[key]}; pass each factor once")
         seen[key] = name
@@ -80,45 +97,49 @@ def _factor_set(Us, Vts, form) -> tuple[list, list, _FactorSet]:
     Us, Vts = _as_list("Us", Us), _as_list("Vts", Vts)
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    try:
-        key = (_fingerprint(Us), _fingerprint(Vts))
-    except (AttributeError, TypeError, RuntimeError):
-        key = None  # not all tensors: _validate says which
-    factor_set = _factor_sets.get(key) if key is not None else None
+    key = (tuple(map(id, Us)), tuple(map(id, Vts)))
+    latest_key, factor_set = _latest
+    if key != latest_key:
+        factor_set = _factor_sets.get(key)
+        if factor_set is not None:
+            _factor_sets.move_to_end(key)
+    if factor_set is not None:
+        try:
+            fresh = factor_set.pointers == (list(map(_data_ptr, Us)), list(map(_data_ptr, Vts)))
+        except TypeError:  # not all tensors: _validate says which
+            fresh = False
+        if not fresh:
+            del _factor_sets[key]
+            factor_set = None
     if factor_set is None:
         _validate(Us, Vts)
-        factor_set = _FactorSet(Us, Vts)
-        if key is not None:
-            _factor_sets[key] = factor_set
-            while len(_factor_sets) > _FACTOR_SETS_CACHED:
-                _factor_sets.popitem(last=False)
-    else:
-        _factor_sets.move_to_end(key)
+        factor_set = _factor_sets[key] = _FactorSet(Us, Vts, key)
+        while len(_factor_sets) > _FACTOR_SETS_CACHED:
+            _factor_sets.popitem(last=False)
+    _latest[:] = [key, factor_set]
     return Us, Vts, factor_set
 
 
 class OrthoRegFunction(torch.autograd.Function):
-    """Differentiable regularizer whose backward reuses the forward's Gram matrices."""
+    """Differentiable regularizer whose backward reuses the forward's Gram matrices and norms."""
 
     @staticmethod
     def forward(ctx, form, backend, factor_set, num_Us, *factors):
         Us, Vts = factors[:num_Us], factors[num_Us:]
         plan = factor_set.plan(backend, Us, Vts)
-        grams = implementation("ortho_reg", backend).grams(plan, Us, Vts)
-        value = penalty_value(deviation_norms(grams, factor_set.ranks), form)
-        ctx.save_for_backward(grams, *factors)
+        value, grams, norms = implementation("ortho_reg", backend).forward(plan, Us, Vts, form)
+        ctx.save_for_backward(grams, norms, *factors)
         ctx.form, ctx.backend, ctx.plan, ctx.num_Us = form, backend, plan, num_Us
         return value
 
     @staticmethod
     def backward(ctx, grad_value):
-        grams, *factors = ctx.saved_tensors
-        outs = [torch.empty_like(f) if need else None for f, need in zip(factors, ctx.needs_input_grad[4:])]
+        grams, norms, *factors = ctx.saved_tensors
         k = ctx.num_Us
-        implementation("ortho_reg", ctx.backend).add_penalty_grads_(
-            ctx.plan, factors[:k], factors[k:], grams, ctx.form, grad_value, outs[:k], outs[k:], accumulate=False
+        grads = implementation("ortho_reg", ctx.backend).backward(
+            ctx.plan, factors[:k], factors[k:], grams, norms, ctx.form, grad_value, ctx.needs_input_grad[4:]
         )
-        return (None, None, None, None, *outs)
+        return (None, None, None, None, *grads)
 
 
 def ortho_reg(
@@ -142,10 +163,20 @@ def ortho_reg(
     return OrthoRegFunction.apply(form, name, factor_set, len(Us), *Us, *Vts)
 
 
-def _grad_of(p: torch.Tensor) -> torch.Tensor:
-    if p.grad is None:
-        p.grad = torch.zeros_like(p)
-    return p.grad
+def _grads(factors: list) -> list:
+    """Every factor's ``.grad``, allocating the missing ones (zeros) in one buffer per dtype."""
+    grads = list(map(_grad, factors))
+    if not all(map(operator.is_not, grads, itertools.repeat(None))):  # ("None in grads" compares tensors)
+        missing: dict[torch.dtype, list] = {}
+        for p, g in zip(factors, grads):
+            if g is None:
+                missing.setdefault(p.dtype, []).append(p)
+        for dtype, params in missing.items():
+            buffer = torch.zeros(sum(p.numel() for p in params), dtype=dtype, device=params[0].device)
+            for p, flat in zip(params, buffer.split([p.numel() for p in params])):
+                p.grad = flat.view(p.shape)
+        grads = list(map(_grad, factors))
+    return grads
 
 
 @torch.no_grad()
@@ -168,11 +199,5 @@ def ortho_reg_grad_(
     coeff = check_number("coeff", coeff)
     Us, Vts, factor_set = _factor_set(Us, Vts, form)
     name = resolve("ortho_reg", backend, factor_set.device)
-    impl = implementation("ortho_reg", name)
     plan = factor_set.plan(name, Us, Vts)
-    grams = impl.grams(plan, Us, Vts)
-    scale = torch.full((), coeff, dtype=grams.dtype, device=grams.device)
-    norms = impl.add_penalty_grads_(
-        plan, Us, Vts, grams, form, scale, [_grad_of(U) for U in Us], [_grad_of(Vt) for Vt in Vts], accumulate=True
-    )
-    return penalty_value(norms, form)
+    return implementation("ortho_reg", name).step_(plan, Us, Vts, form, coeff, _grads(Us + Vts))

@@ -8,24 +8,29 @@ over all ``n`` matrices:
 - ``"official"``: ``P = (1/n) Σ_i ‖D_i‖_F`` as the reference SORSA code computes it, so
   ``∂P/∂X_i = 2·X_i D_i / (n‖D_i‖_F)``, taken as 0 where ``‖D_i‖_F = 0``.
 
-Backend interface of ``ortho_reg`` (every backend module implements these three functions). The
+Backend interface of ``ortho_reg`` (every backend module implements these four functions). The
 factors come in their own orientation: ``Us`` (each ``[L, r]``) then ``Vts`` (each ``[r, L]``), any
-strides, mixed shapes and float dtypes, all on one device; "matrix i" counts the Us first.
+strides, mixed shapes and float dtypes, all on one device; "matrix i" counts the Us first. Values,
+Gram matrices and norms are float32 (float64 when any factor is float64).
 
 ``prepare(Us, Vts) -> plan``
-    Whatever the backend wants to reuse across calls. The ops layer caches the plan under the
-    factors' data pointers, shapes, strides and dtypes, and hands it back only with factors
-    that match all of them (so device-side pointer tables stay valid).
+    Whatever the backend wants to reuse across calls. The ops layer caches the plan for these
+    parameter tensors and hands it back only while each keeps its storage (so device-side
+    pointer tables stay valid).
 
-``grams(plan, Us, Vts) -> Tensor [n, R, R]``
-    Every ``G_i``, zero-padded to ``R = max r_i``, in float32 (float64 when any factor is float64).
+``forward(plan, Us, Vts, form) -> (value, grams, norms)``
+    The penalty's value (0-dim), every ``G_i`` zero-padded to a common width ``W >= max r_i``
+    of the backend's choice (``[n, W, W]``) and every ``‖D_i‖_F`` (``[n]``).
 
-``add_penalty_grads_(plan, Us, Vts, grams, form, scale, U_outs, Vt_outs, accumulate) -> Tensor [n]``
-    For every factor whose entry in ``U_outs``/``Vt_outs`` is not None, writes
-    (``accumulate=False``) or adds (``True``) ``scale·∂P/∂factor`` into that tensor, which is
-    shaped like its factor, has its dtype, and any strides. ``scale`` is a 0-dim tensor on the
-    device; ``grams`` is the output of :func:`grams` for these factors. Returns ``‖D_i‖_F`` for
-    every matrix, in the dtype of ``grams``.
+``backward(plan, Us, Vts, grams, norms, form, scale, wanted) -> list``
+    ``scale·∂P/∂factor`` for every factor whose entry of ``wanted`` is true (None for the others),
+    shaped like the factor, in its dtype; ``scale`` is a 0-dim tensor on the device, ``grams`` and
+    ``norms`` come from :func:`forward` for these factors.
+
+``step_(plan, Us, Vts, form, coeff, outs) -> value``
+    Adds ``coeff·∂P/∂factor`` (``coeff`` a Python float) into ``outs[i]`` for every factor ``i``
+    (each shaped like its factor, in its dtype, any strides) and returns the value: the
+    regularizer's whole training step.
 """
 
 from __future__ import annotations
@@ -73,30 +78,44 @@ def prepare(Us, Vts):
     return None
 
 
-def grams(plan, Us, Vts):
+def forward(plan, Us, Vts, form):
     mats = factor_matrices(Us, Vts)
     acc = gram_dtype(mats)
     rank = max(m.shape[1] for m in mats)
-    out = mats[0].new_zeros((len(mats), rank, rank), dtype=acc)
+    grams = mats[0].new_zeros((len(mats), rank, rank), dtype=acc)
     for i, m in enumerate(mats):
         x = m.to(acc)
         r = m.shape[1]
-        out[i, :r, :r] = x.T @ x
-    return out
-
-
-def add_penalty_grads_(plan, Us, Vts, grams, form, scale, U_outs, Vt_outs, accumulate):
-    mats = factor_matrices(Us, Vts)
+        grams[i, :r, :r] = x.T @ x
     norms = deviation_norms(grams, [m.shape[1] for m in mats])
+    return penalty_value(norms, form), grams, norms
+
+
+def _gradients(mats, grams, norms, form, scale, wanted):
+    """``scale·∂P/∂X_i`` (tall orientation, in ``grams``' dtype) for the wanted matrices."""
     coeffs = gradient_coefficients(norms, form) * scale
-    for i, (m, out) in enumerate(zip(mats, factor_matrices(U_outs, Vt_outs))):
-        if out is None:
+    grads = []
+    for i, m in enumerate(mats):
+        if not wanted[i]:
+            grads.append(None)
             continue
         r = m.shape[1]
         deviation = grams[i, :r, :r] - torch.eye(r, dtype=grams.dtype, device=grams.device)
-        grad = (coeffs[i] * (m.to(grams.dtype) @ deviation)).to(out.dtype)
-        if accumulate:
-            out += grad
-        else:
-            out.copy_(grad)
-    return norms
+        grads.append(coeffs[i] * (m.to(grams.dtype) @ deviation))
+    return grads
+
+
+def backward(plan, Us, Vts, grams, norms, form, scale, wanted):
+    mats = factor_matrices(Us, Vts)
+    grads = _gradients(mats, grams, norms, form, scale, wanted)
+    return [None if g is None else (g if i < len(Us) else g.T).to(m.dtype)
+            for i, (g, m) in enumerate(zip(grads, mats))]
+
+
+def step_(plan, Us, Vts, form, coeff, outs):
+    mats = factor_matrices(Us, Vts)
+    value, grams, norms = forward(plan, Us, Vts, form)
+    grads = _gradients(mats, grams, norms, form, coeff, [True] * len(mats))
+    for out, grad in zip(factor_matrices(outs[: len(Us)], outs[len(Us) :]), grads):
+        out += grad.to(out.dtype)
+    return value

@@ -1,24 +1,46 @@
-"""Triton backend of ``ortho_reg``: every Gram matrix in one launch, every gradient in another.
+"""Triton backend of ``ortho_reg``: one persistent launch per dtype computes every Gram matrix,
+every norm, the value and every gradient.
 
 Interface: :mod:`sorsa_kernels.reference.ortho`. Each factor is read as its tall matrix
 ``X [L, r]`` (``U`` as is, ``Vt`` through ``Vtᵀ``) through device-side tables of data pointers,
-lengths, ranks and strides that :func:`prepare` builds once per factor set, so a launch covers
-any number of adapters of any shapes. Factors of different dtypes take one launch per dtype.
+ranks and strides that :class:`Plan` builds once per factor set, so a launch covers any number of
+adapters of any shapes; factors of different dtypes take one launch per dtype.
 
-Gram launch
-    A program sums ``X[rows]ᵀ X[rows]`` over one chunk of one matrix's rows (a block pair of
-    it when ``r > 128``). Long matrices are cut into a few chunks so that about four programs
-    per SM exist, added into the zeroed ``[n, R, R]`` stack with relaxed atomics: at most a
-    handful of ``r×r`` additions per matrix (about 5 M float adds for the 448 factors of a
-    Llama-2-7B r=128 set, against 320 M elements read). Under
-    ``torch.use_deterministic_algorithms(True)`` no matrix is cut and every sum is a plain store.
-    Programs run longest chunk first, so the short ones fill the tail.
+One launch, a queue of work items
+    A grid of a few programs per SM takes work items in order from an atomic ticket counter
+    until none is left. A Gram item sums ``X[rows]ᵀ X[rows]`` over one chunk of rows of one
+    matrix (one block pair of it when ``r`` exceeds the Gram block, 128 by default) and adds
+    it into the zeroed ``[n, W, W]`` stack (``W``: the widest rank rounded up to 16; relaxed
+    16-byte atomics when the matrix has several items, a store otherwise); then it counts
+    itself on the matrix's arrival counter. The item that arrives last completes the matrix:
+    it makes the sum symmetric (see :func:`_complete_gram`), stores ``‖G − I‖_F``, and
+    releases the matrix with one more increment. A gradient item takes one chunk of rows (and
+    one block of columns): it waits until its matrix is released, computes the coefficient of
+    the chosen form from the norm, and writes or adds ``coeff·X(G − I)`` into the output. The
+    program that leaves last sums the norms into the value, in a fixed order. Both kinds of
+    item are separate (noinline) functions: their registers are allocated apart, and nothing
+    they compute is hoisted out of the queue loop to stay live across it.
 
-Gradient launch
-    A program takes one chunk of rows of one matrix (and one block of its columns): it reads
-    ``G``, computes ``‖G − I‖_F`` and the coefficient of the chosen form itself (so no torch
-    op runs between the launches), and writes or adds ``coeff·X(G − I)`` into the output;
-    each matrix's first program also stores its norm, from which the ops layer takes the value.
+Order of the queue (host side, :func:`_work_order`)
+    A matrix's gradient items come after all of its Gram items and, for the re-read of ``X``
+    to hit L2, not long after: they trail them by ``lag`` times the rows the programs hold at
+    once (``lag = inf``: every Gram item first, then every gradient item).
+
+    No wait can deadlock, whatever the lag: a gradient item waits only for Gram items of its
+    own matrix, which sit earlier in the queue. Tickets are taken in increasing order and only
+    by programs that are running, so when a program holds the gradient item every Gram item it
+    waits for has already been taken by a running program; Gram items never wait, and a
+    running program is never descheduled, so each of them finishes. (Programs not yet resident
+    hold no ticket.) The Triton interpreter runs the programs one after another: the first
+    takes every item in queue order and so finds each matrix released when it needs it, on
+    the same code path.
+
+Memory ordering
+    Each item's atomic Gram updates (or stores) are followed by a CTA barrier and the
+    arrival increment with release semantics (acquire too: the last arriver reads every other
+    item's updates); the completing item's symmetric matrix and norm are published by a
+    barrier and a release increment; a waiting item spins on an acquire load. Everything
+    written in the launch is read back through L2 (``.cg``), never through a possibly stale L1.
 
 Precision
     float32 factors run 3xTF32 unless torch allows TF32 matmuls
@@ -31,14 +53,29 @@ Precision
     16-bit factors: the Gram matrix is a 16-bit product accumulated in float32; the gradient
     multiplies the factor (exact in TF32) by ``G − I`` split in two TF32 parts. float64: IEEE
     float64 products.
+
+Determinism
+    Under ``torch.use_deterministic_algorithms(True)`` no matrix is cut into several Gram items
+    (each sum is a plain store) and the queue runs every Gram item first, longest first, then
+    the gradient items in the order their matrices should complete; all other results are
+    written by exactly one program, and the value is summed in a fixed order.
+
+Host side
+    A :class:`Plan` holds the device tables; each group remembers, per variant, its compiled
+    kernel and argument list, so that a repeated call fills in a few per-call arguments and
+    launches the compiled kernel directly (no argument binding by the JIT). The output table of
+    ``.grad`` tensors is rebuilt only when their data pointers change.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import heapq
+import math
 from collections import OrderedDict
 
+import numpy
 import torch
 import triton
 import triton.language as tl
@@ -47,12 +84,13 @@ from triton.runtime import OutOfResources
 from sorsa_kernels.backends import _triton_interpreted
 from sorsa_kernels.reference.ortho import factor_matrices, gram_dtype
 
-# How a tall matrix lies in memory: along r (U), along L (Vtᵀ), or neither.
+# How a tall matrix lies in memory: along r (U), along L (Vtᵀ), or neither; SKIP: no output wanted.
 ROW_MAJOR = tl.constexpr(0)
 COL_MAJOR = tl.constexpr(1)
 STRIDED = tl.constexpr(2)
+SKIP = tl.constexpr(3)
 
-# Columns of the matrix table.
+# Columns of the matrix table (int64).
 MAT_PTR = tl.constexpr(0)
 MAT_STRIDE_L = tl.constexpr(1)
 MAT_STRIDE_R = tl.constexpr(2)
@@ -60,22 +98,32 @@ MAT_RANK = tl.constexpr(3)
 MAT_KIND = tl.constexpr(4)
 MAT_INDEX = tl.constexpr(5)
 MAT_FIELDS = tl.constexpr(6)
-# Columns of the output table (KIND: the matrix's kind if the output lies the same way, else STRIDED).
-OUT_PTR = tl.constexpr(0)
+# Columns of the output table (int64): byte offset from the launch's out_base (the whole address
+# when out_base is 0), strides, and KIND (the matrix's kind if the output lies the same way,
+# else STRIDED; SKIP for no output).
+OUT_OFFSET = tl.constexpr(0)
 OUT_STRIDE_L = tl.constexpr(1)
 OUT_STRIDE_R = tl.constexpr(2)
 OUT_KIND = tl.constexpr(3)
 OUT_FIELDS = tl.constexpr(4)
-# Columns of a work table: matrix, first row, end row, then the Gram block pair and whether to add
-# atomically (Gram launch) or the first column (gradient launch).
+# Columns of the work queue (int32): matrix (in the group), rows, phase, then the Gram block pair
+# (Gram items) or the first column (gradient items), and the matrix's number of Gram items.
 WORK_MATRIX = tl.constexpr(0)
 WORK_ROW_START = tl.constexpr(1)
 WORK_ROW_END = tl.constexpr(2)
-WORK_BLOCK_A = tl.constexpr(3)
-WORK_BLOCK_B = tl.constexpr(4)
-WORK_ATOMIC = tl.constexpr(5)
-WORK_COL_START = tl.constexpr(3)
-WORK_FIELDS = tl.constexpr(6)
+WORK_PHASE = tl.constexpr(3)
+WORK_BLOCK_A = tl.constexpr(4)
+WORK_BLOCK_B = tl.constexpr(5)
+WORK_COL_START = tl.constexpr(4)
+WORK_GRAM_ITEMS = tl.constexpr(6)
+WORK_FIELDS = tl.constexpr(8)
+GRAM_STORE = tl.constexpr(0)
+GRAM_ADD = tl.constexpr(1)
+GRADIENT = tl.constexpr(2)
+# Slots of a launch's queue counters (int32): the next ticket, programs finished.
+TICKET = tl.constexpr(0)
+FINISHED = tl.constexpr(1)
+QUEUE_SLOTS = 2
 
 # Precision plans (see the module docstring).
 F64 = tl.constexpr(0)
@@ -84,6 +132,9 @@ F32_TF32 = tl.constexpr(2)
 HALF = tl.constexpr(3)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
+
+# How often a gradient item polls its matrix's arrival counter before it gives up (seconds).
+MAX_POLLS = tl.constexpr(1 << 24)
 
 # Gram blocks are at most this wide (a 128×128 float32 accumulator per program).
 MAX_GRAM_BLOCK = 128
@@ -149,18 +200,78 @@ def _gram_rows(acc, ptr, stride_l, stride_r, row_start, row_end, rank, cols_a, c
     return acc
 
 
-# Integers that vary between calls are not specialized on (fewer compilations).
-@triton.jit(do_not_specialize=["gram_stride", "gram_width"])
-def _gram_kernel(mats, work, grams, gram_stride, gram_width,
-                 DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_L: tl.constexpr,
-                 BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr):
-    item = work + tl.program_id(0) * WORK_FIELDS
+@triton.jit
+def _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK: tl.constexpr, SAME: tl.constexpr,
+              ALIGNED: tl.constexpr, VEC: tl.constexpr):
+    """``X[rows, cols_a]ᵀ X[rows, cols_b]`` over the item's rows (see :func:`_gram_update`)."""
+    acc = tl.zeros((BLOCK, BLOCK), ACC_DTYPE)
+    # One loop per layout, so that the compiler knows the contiguous dimension (stride 1) and,
+    # when aligned, the other stride's divisibility (loaded in its branch, so the hint stays true).
+    if kind == ROW_MAJOR:
+        stride_l = tl.load(entry + MAT_STRIDE_L)
+        if ALIGNED:
+            stride_l = tl.multiple_of(stride_l, VEC)
+        acc = _gram_rows(acc, ptr, stride_l, 1, row_start, row_end, rank, cols_a, cols_b, BLOCK_L, PRECISION, SAME,
+                         ALIGNED)
+    elif kind == COL_MAJOR:
+        stride_r = tl.load(entry + MAT_STRIDE_R)
+        if ALIGNED:
+            stride_r = tl.multiple_of(stride_r, VEC)
+        acc = _gram_rows(acc, ptr, 1, stride_r, row_start, row_end, rank, cols_a, cols_b, BLOCK_L, PRECISION, SAME,
+                         ALIGNED)
+    else:
+        acc = _gram_rows(acc, ptr, tl.load(entry + MAT_STRIDE_L), tl.load(entry + MAT_STRIDE_R), row_start, row_end,
+                         rank, cols_a, cols_b, BLOCK_L, PRECISION, SAME, False)
+    return acc
+
+
+@triton.jit
+def _complete_gram(gram, gram_width, rank, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                   NUM_K: tl.constexpr, ROWS: tl.constexpr):
+    """Make the summed Gram matrix symmetric and return ``‖G − I‖_F``.
+
+    The items left the mean of ``G[i, j]`` and ``G[j, i]`` within a diagonal block pair (the
+    3xTF32 sum is exact only once symmetrized) and the sum elsewhere (the transpose of an
+    off-diagonal block was left zero). Each pair ``{(i, j), (j, i)}`` is read and written by the
+    slot ``i <= j`` alone, so no slot reads what another one wrote; ``ROWS`` rows at a time.
+    """
+    squares = tl.zeros((ROWS, BLOCK_K), ACC_DTYPE)
+    for row_start in range(0, NUM_K * BLOCK_K, ROWS):
+        rows = row_start + tl.arange(0, ROWS)
+        for jb in tl.static_range(NUM_K):
+            cols = jb * BLOCK_K + tl.arange(0, BLOCK_K)
+            upper = (rows[:, None] <= cols[None, :]) & (cols[None, :] < rank)
+            direct = gram + rows[:, None] * gram_width + cols[None, :]
+            mirrored = gram + cols[None, :] * gram_width + rows[:, None]
+            g = tl.load(direct, mask=upper, other=0.0, cache_modifier=".cg").to(ACC_DTYPE)
+            g += tl.load(mirrored, mask=upper & (rows[:, None] < cols[None, :]), other=0.0,
+                         cache_modifier=".cg").to(ACC_DTYPE)
+            g = g * tl.where(rows[:, None] // BLOCK == cols[None, :] // BLOCK, 0.5, 1.0).to(ACC_DTYPE)
+            diagonal = rows[:, None] == cols[None, :]
+            g = tl.where(diagonal, g * 2.0, g)  # its two halves were the same element
+            tl.store(direct, g.to(gram.dtype.element_ty), mask=upper)
+            tl.store(mirrored, g.to(gram.dtype.element_ty), mask=upper & ~diagonal)
+            d = g - tl.where(diagonal, 1.0, 0.0).to(ACC_DTYPE)
+            squares += tl.where(upper, tl.where(diagonal, 1.0, 2.0).to(ACC_DTYPE) * d * d, 0.0)
+    return tl.sqrt(tl.sum(squares))
+
+
+@triton.jit(noinline=True)
+def _gram_item(item, mats, grams, norms, arrivals, gram_stride, gram_width,
+               DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_L: tl.constexpr,
+               BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
+               COMPLETE_ROWS: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr):
+    # The Gram stack's width is a multiple of 16 (Plan): 16-byte atomics.
+    gram_width = tl.multiple_of(gram_width, 16)
+    gram_stride = tl.multiple_of(gram_stride, 256)
     entry = mats + tl.load(item + WORK_MATRIX) * MAT_FIELDS
-    row_start = tl.multiple_of(tl.load(item + WORK_ROW_START).to(tl.int32), BLOCK_L)
-    row_end = tl.load(item + WORK_ROW_END).to(tl.int32)
+    row_start = tl.multiple_of(tl.load(item + WORK_ROW_START), BLOCK_L)
+    row_end = tl.load(item + WORK_ROW_END)
     address = tl.load(entry + MAT_PTR)
     rank = tl.load(entry + MAT_RANK).to(tl.int32)
     kind = tl.load(entry + MAT_KIND)
+    index = tl.load(entry + MAT_INDEX)
     if ALIGNED:  # _Group checked these for every matrix of the launch
         address = tl.multiple_of(address, 16)
         rank = tl.multiple_of(rank, VEC)
@@ -170,48 +281,38 @@ def _gram_kernel(mats, work, grams, gram_stride, gram_width,
         block_a = 0
         block_b = 0
     else:
-        block_a = tl.load(item + WORK_BLOCK_A).to(tl.int32)
-        block_b = tl.load(item + WORK_BLOCK_B).to(tl.int32)
+        block_a = tl.load(item + WORK_BLOCK_A)
+        block_b = tl.load(item + WORK_BLOCK_B)
     cols_a = block_a * BLOCK + tl.arange(0, BLOCK)
     cols_b = block_b * BLOCK + tl.arange(0, BLOCK)
-    same: tl.constexpr = NUM_BLOCKS == 1
-    acc = tl.zeros((BLOCK, BLOCK), ACC_DTYPE)
-    # One loop per layout, so that the compiler knows the contiguous dimension (stride 1) and,
-    # when aligned, the other stride's divisibility (loaded in its branch, so the hint stays true).
-    if kind == ROW_MAJOR:
-        stride_l = tl.load(entry + MAT_STRIDE_L)
-        if ALIGNED:
-            stride_l = tl.multiple_of(stride_l, VEC)
-        acc = _gram_rows(acc, ptr, stride_l, 1, row_start, row_end, rank, cols_a, cols_b, BLOCK_L, PRECISION, same,
-                         ALIGNED)
-    elif kind == COL_MAJOR:
-        stride_r = tl.load(entry + MAT_STRIDE_R)
-        if ALIGNED:
-            stride_r = tl.multiple_of(stride_r, VEC)
-        acc = _gram_rows(acc, ptr, 1, stride_r, row_start, row_end, rank, cols_a, cols_b, BLOCK_L, PRECISION, same,
-                         ALIGNED)
+    # A diagonal block pair sums xᵀx (two products in 3xTF32), any other pair xaᵀxb (three).
+    if NUM_BLOCKS == 1:
+        acc = _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE, PRECISION, BLOCK_L,
+                        BLOCK, True, ALIGNED, VEC)
+    elif block_a == block_b:
+        acc = _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE, PRECISION, BLOCK_L,
+                        BLOCK, True, ALIGNED, VEC)
     else:
-        acc = _gram_rows(acc, ptr, tl.load(entry + MAT_STRIDE_L), tl.load(entry + MAT_STRIDE_R), row_start, row_end,
-                         rank, cols_a, cols_b, BLOCK_L, PRECISION, same, False)
-    if same and PRECISION == F32_3XTF32:
-        acc = (acc + tl.trans(acc)) * 0.5
-    value = acc.to(grams.dtype.element_ty)
-    base = grams + tl.load(entry + MAT_INDEX) * gram_stride
+        acc = _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE, PRECISION, BLOCK_L,
+                        BLOCK, False, ALIGNED, VEC)
+    # The block pair as summed (block_a <= block_b): the completing item symmetrizes.
+    gram = grams + index * gram_stride
     mask = (cols_a[:, None] < rank) & (cols_b[None, :] < rank)
-    target = base + cols_a[:, None] * gram_width + cols_b[None, :]
-    if NUM_BLOCKS > 1:
-        mirror = block_a != block_b  # an off-diagonal block also fills its transpose
-    else:
-        mirror = False
-    mirrored = base + cols_b[None, :] * gram_width + cols_a[:, None]
-    if tl.load(item + WORK_ATOMIC) != 0:
+    # Rows of the (allocator-aligned) stack start on 16 bytes: vector atomics.
+    target = tl.multiple_of(gram + cols_a[:, None] * gram_width + cols_b[None, :], [16, 16])
+    value = acc.to(grams.dtype.element_ty)
+    if tl.load(item + WORK_PHASE) == GRAM_ADD:
         tl.atomic_add(target, value, mask=mask, sem="relaxed")
-        if mirror:
-            tl.atomic_add(mirrored, value, mask=mask, sem="relaxed")
     else:
         tl.store(target, value, mask=mask)
-        if mirror:
-            tl.store(mirrored, value, mask=mask)
+    # Every thread's updates precede the release of the arrival below (CTA barrier first).
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrivals + index, 1, sem="acq_rel")
+    if arrived == tl.load(item + WORK_GRAM_ITEMS) - 1:
+        norm = _complete_gram(gram, gram_width, rank, ACC_DTYPE, BLOCK, BLOCK_K, NUM_K, COMPLETE_ROWS)
+        tl.store(norms + index, norm.to(norms.dtype.element_ty))
+        tl.debug_barrier()
+        tl.atomic_add(arrivals + index, 1, sem="release")
 
 
 @triton.jit
@@ -244,7 +345,8 @@ def _product_update(acc, x, d_hi, d_lo, PRECISION: tl.constexpr):
 def _deviation_block(gram, gram_width, rows, cols, rank, ACC_DTYPE: tl.constexpr):
     """``(G − I)[rows, cols]``, zero outside ``rank``."""
     inside = (rows[:, None] < rank) & (cols[None, :] < rank)
-    g = tl.load(gram + rows[:, None] * gram_width + cols[None, :], mask=inside, other=0.0).to(ACC_DTYPE)
+    g = tl.load(gram + rows[:, None] * gram_width + cols[None, :], mask=inside, other=0.0,
+                cache_modifier=".cg").to(ACC_DTYPE)
     return g - tl.where(inside & (rows[:, None] == cols[None, :]), 1.0, 0.0).to(ACC_DTYPE)
 
 
@@ -255,6 +357,10 @@ def _gradient_rows(ptr, stride_l, stride_r, out, out_stride_l, out_stride_r, row
                    NUM_K: tl.constexpr, VECTOR: tl.constexpr):
     for start in range(row_start, row_end, BLOCK_L):
         rows = start + tl.arange(0, BLOCK_L)
+        targets = _tile_pointers(out, rows, cols, out_stride_l, out_stride_r, VECTOR)
+        mask = (rows[:, None] < row_end) & (cols[None, :] < rank)
+        if ACCUMULATE:  # issued before the products, so that its latency hides behind them
+            previous = tl.load(targets, mask=mask).to(ACC_DTYPE)
         acc = tl.zeros((BLOCK_L, BLOCK_N), ACC_DTYPE)
         for kb in tl.static_range(NUM_K):
             ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -265,50 +371,46 @@ def _gradient_rows(ptr, stride_l, stride_r, out, out_stride_l, out_stride_r, row
                 blk_hi, blk_lo = _split_deviation(_deviation_block(gram, gram_width, ks, cols, rank, ACC_DTYPE),
                                                   PRECISION)
                 acc = _product_update(acc, x, blk_hi, blk_lo, PRECISION)
-        targets = _tile_pointers(out, rows, cols, out_stride_l, out_stride_r, VECTOR)
-        mask = (rows[:, None] < row_end) & (cols[None, :] < rank)
         update = coeff * acc
         if ACCUMULATE:
-            update += tl.load(targets, mask=mask).to(ACC_DTYPE)
+            update += previous
         tl.store(targets, update.to(out.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["gram_stride", "gram_width", "count", "official"])
-def _gradient_kernel(mats, outs, work, grams, norms, scale, gram_stride, gram_width, count, official,
-                     DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
-                     BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
-                     ALIGNED: tl.constexpr, VEC: tl.constexpr):
-    item = work + tl.program_id(0) * WORK_FIELDS
-    matrix = tl.load(item + WORK_MATRIX)
-    row_start = tl.multiple_of(tl.load(item + WORK_ROW_START).to(tl.int32), BLOCK_L)
-    row_end = tl.load(item + WORK_ROW_END).to(tl.int32)
-    col_start = tl.multiple_of(tl.load(item + WORK_COL_START).to(tl.int32), BLOCK_N)
-    entry = mats + matrix * MAT_FIELDS
+@triton.jit(noinline=True)
+def _gradient_item(item, mats, outs, out_base, grams, norms, arrivals, factor, gram_stride, gram_width, count,
+                   official, DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                   WAIT: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, NUM_K: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr):
+    gram_width = tl.multiple_of(gram_width, 16)
+    gram_stride = tl.multiple_of(gram_stride, 256)
+    local = tl.load(item + WORK_MATRIX)
+    row_start = tl.multiple_of(tl.load(item + WORK_ROW_START), BLOCK_L)
+    row_end = tl.load(item + WORK_ROW_END)
+    col_start = tl.multiple_of(tl.load(item + WORK_COL_START), BLOCK_N)
+    entry = mats + local * MAT_FIELDS
     rank = tl.load(entry + MAT_RANK).to(tl.int32)
     index = tl.load(entry + MAT_INDEX)
+    if WAIT:  # until the completing Gram item has released the matrix (one past its item count)
+        released = tl.load(item + WORK_GRAM_ITEMS) + 1
+        # A safety valve, never reached by a correct queue (the awaited items take microseconds):
+        # after seconds of polling the item goes on, so that a broken order shows up as wrong
+        # results rather than as a GPU hung for good.
+        polls = 0
+        while (tl.atomic_add(arrivals + index, 0, sem="acquire") < released) & (polls < MAX_POLLS):
+            polls += 1
     gram = grams + index * gram_stride
-
-    # ‖G − I‖_F, then the coefficient c of the gradient c·X(G − I).
-    squares = tl.zeros((BLOCK_K, BLOCK_K), ACC_DTYPE)
-    for ib in tl.static_range(NUM_K):
-        for jb in tl.static_range(NUM_K):
-            d = _deviation_block(gram, gram_width, ib * BLOCK_K + tl.arange(0, BLOCK_K),
-                                 jb * BLOCK_K + tl.arange(0, BLOCK_K), rank, ACC_DTYPE)
-            squares += d * d
-    norm = tl.sqrt(tl.sum(squares))
-    if (row_start == 0) & (col_start == 0):
-        tl.store(norms + index, norm.to(norms.dtype.element_ty))
-    factor = tl.load(scale).to(ACC_DTYPE)
+    norm = tl.load(norms + index, cache_modifier=".cg").to(ACC_DTYPE)
     if official != 0:
         coeff = tl.where(norm > 0, 2.0 * factor / (count * tl.where(norm > 0, norm, 1.0)), 0.0)
     else:
         coeff = 4.0 * factor
 
-    out_entry = outs + matrix * OUT_FIELDS
-    out_address = tl.load(out_entry + OUT_PTR)
-    if out_address != 0:  # 0: this factor's gradient is not wanted
+    out_entry = outs + local * OUT_FIELDS
+    kind = tl.load(out_entry + OUT_KIND)
+    if kind != SKIP:
         address = tl.load(entry + MAT_PTR)
-        kind = tl.load(out_entry + OUT_KIND)
+        out_address = out_base + tl.load(out_entry + OUT_OFFSET)
         if ALIGNED:  # _OutputTable checked these for every matrix of the launch
             address = tl.multiple_of(address, 16)
             out_address = tl.multiple_of(out_address, 16)
@@ -348,68 +450,124 @@ def _gradient_kernel(mats, outs, work, grams, norms, scale, gram_stride, gram_wi
                            BLOCK_N, BLOCK_K, NUM_K, False)
 
 
+# Integers that vary between calls or factor sets are not specialized on (fewer compilations).
+@triton.jit(do_not_specialize=["out_base", "num_items", "coeff_hi", "coeff_lo", "gram_stride", "gram_width", "count",
+                               "official", "value_count"])
+def _ortho_kernel(mats, outs, out_base, work, num_items, queue, arrivals, grams, norms, value, scale, coeff_hi,
+                  coeff_lo, gram_stride, gram_width, count, official, value_count,
+                  DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr,
+                  GRADIENT_PHASE: tl.constexpr, VALUE: tl.constexpr, SCALED: tl.constexpr,
+                  ACCUMULATE: tl.constexpr, GRAM_ROWS: tl.constexpr, GRADIENT_ROWS: tl.constexpr,
+                  BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  NUM_K: tl.constexpr, COMPLETE_ROWS: tl.constexpr, ALIGNED: tl.constexpr,
+                  OUT_ALIGNED: tl.constexpr, VEC: tl.constexpr, VALUE_BLOCK: tl.constexpr):
+    """The work queue of one dtype group; GRAM and GRADIENT_PHASE say which kinds of items it
+    holds (both: gradient items wait for their matrix), VALUE that the last program to finish
+    sums the norms of all ``value_count`` matrices into ``value``."""
+    # The coefficient comes as a float32 pair (float arguments are float32): exact to 2^-48.
+    factor = tl.cast(coeff_hi, ACC_DTYPE) + tl.cast(coeff_lo, ACC_DTYPE)
+    if SCALED:
+        factor = factor * tl.load(scale).to(ACC_DTYPE)
+    ticket = tl.atomic_add(queue + TICKET, 1, sem="relaxed")
+    while ticket < num_items:
+        item = work + ticket * WORK_FIELDS
+        if GRAM and GRADIENT_PHASE:
+            if tl.load(item + WORK_PHASE) == GRADIENT:
+                _gradient_item(item, mats, outs, out_base, grams, norms, arrivals, factor, gram_stride, gram_width,
+                               count, official, DTYPE, ACC_DTYPE, PRECISION, True, ACCUMULATE, GRADIENT_ROWS,
+                               BLOCK_N, BLOCK_K, NUM_K, OUT_ALIGNED, VEC)
+            else:
+                _gram_item(item, mats, grams, norms, arrivals, gram_stride, gram_width, DTYPE, ACC_DTYPE, PRECISION,
+                           GRAM_ROWS, BLOCK, NUM_BLOCKS, BLOCK_K, NUM_K, COMPLETE_ROWS, ALIGNED, VEC)
+        elif GRAM:
+            _gram_item(item, mats, grams, norms, arrivals, gram_stride, gram_width, DTYPE, ACC_DTYPE, PRECISION,
+                       GRAM_ROWS, BLOCK, NUM_BLOCKS, BLOCK_K, NUM_K, COMPLETE_ROWS, ALIGNED, VEC)
+        else:
+            _gradient_item(item, mats, outs, out_base, grams, norms, arrivals, factor, gram_stride, gram_width, count,
+                           official, DTYPE, ACC_DTYPE, PRECISION, False, ACCUMULATE, GRADIENT_ROWS, BLOCK_N,
+                           BLOCK_K, NUM_K, OUT_ALIGNED, VEC)
+        ticket = tl.atomic_add(queue + TICKET, 1, sem="relaxed")
+    if VALUE:
+        tl.debug_barrier()
+        if tl.atomic_add(queue + FINISHED, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+            total = tl.zeros((VALUE_BLOCK,), ACC_DTYPE)
+            for start in range(0, value_count, VALUE_BLOCK):
+                offsets = start + tl.arange(0, VALUE_BLOCK)
+                norm = tl.load(norms + offsets, mask=offsets < value_count, other=0.0,
+                               cache_modifier=".cg").to(ACC_DTYPE)
+                total += tl.where(official != 0, norm, norm * norm)
+            result = tl.sum(total)
+            if official != 0:
+                result = result / value_count
+            tl.store(value, result.to(value.dtype.element_ty))
+
+
 # ----------------------------------------------------------------------------------------------
-# Host side: plans (tables built once per factor set), configurations, launches.
+# Host side: plans (tables built once per factor set), the work queue, configurations, launches.
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Tile shape and launch parameters of one kernel (``block_n``: gradient columns per program)."""
+    """Launch parameters of the persistent kernel.
 
-    block_l: int
-    num_warps: int
-    num_stages: int
-    block_n: int = 0
+    ``gram_rows``/``gradient_rows``: rows per tile of the Gram and gradient loops; ``block_n``:
+    gradient columns per item; ``chunk_rows``: rows per work item (a multiple of both tile
+    heights); ``lag``: how far a matrix's gradient items trail its Gram items, in units of
+    the rows that all programs hold at once (``programs × chunk_rows``; ``inf``: every Gram
+    item first); ``programs_per_sm``: the grid is this many programs per SM; ``gram_block``: the
+    widest Gram block one item sums (a rank above it is cut into block pairs, each its own
+    item: smaller accumulators and fewer products, the rows read once per block pair).
+    """
+
+    gram_rows: int
+    gradient_rows: int
+    block_n: int
+    chunk_rows: int
+    lag: float = 1.0
+    num_warps: int = 4
+    num_stages: int = 2
+    programs_per_sm: int = 1
+    gram_block: int = MAX_GRAM_BLOCK
+
+    def __post_init__(self):
+        if self.chunk_rows % self.gram_rows or self.chunk_rows % self.gradient_rows:
+            raise ValueError(f"chunk_rows ({self.chunk_rows}) must be a multiple of gram_rows ({self.gram_rows}) "
+                             f"and gradient_rows ({self.gradient_rows})")
 
 
-# Tuning hook: a kernel name ("gram" or "gradient") mapped to the Config to use instead of the defaults.
-override: dict[str, Config] = {}
-
-# Chunk boundaries are multiples of this many rows, a multiple of every block_l in use.
-_GPU_ROW_GRANULE = 256
-_INTERPRETER_ROW_GRANULE = 16
-# About this many programs per SM, so that chunks of unequal matrices even out.
-_PROGRAMS_PER_SM = 4
-_GPU_MIN_CHUNK_ROWS = 512
+# Tuning hook: when set, every launch uses this Config instead of the defaults.
+override: Config | None = None
 
 
-def _candidates(kernel: str, precision: int, block: int) -> list[Config]:
+def _candidates(precision: int, block_r: int, itemsize: int) -> list[Config]:
     """Configurations to try in order: a later one is used when an earlier one runs out of
     registers or shared memory."""
-    if kernel in override:
-        return [override[kernel]]
+    return [override] if override is not None else default_configs(precision, block_r, itemsize)
+
+
+def default_configs(precision: int, block_r: int, itemsize: int) -> list[Config]:
+    """The default configurations for a precision plan, Gram width and factor itemsize, in
+    order of preference."""
     if _triton_interpreted():
-        return [Config(16, 4, 1, min(block, 32))]
-    if kernel == "gram":
-        if precision == F64.value:
-            return [Config(16, 4, 2), Config(16, 4, 1)]
-        if block >= 128:
-            return [Config(32 if precision != HALF.value else 64, 8, 3), Config(16, 4, 2), Config(16, 4, 1)]
-        return [Config(64, 4, 3), Config(32, 4, 2), Config(16, 4, 1)]
-    block_n = min(block, 64)
+        # Small chunks: many Gram items per matrix and gradient items interleaved with them.
+        return [Config(16, 16, min(block_r, 32), 32, lag=1.0, programs_per_sm=2)]
+    # Tiles of up to 16 KiB of factor rows (enough bytes in flight per program at small ranks).
+    rows = max(16, min(128, (16 << 10) // (block_r * itemsize)))
+    block_n = min(block_r, 128 if itemsize < 4 or precision == F32_TF32.value else 64)
+    # Work items of about 256 KiB of factor rows: a Gram item's atomic update (r² floats) stays
+    # small beside what it reads, and the rows all programs hold at once stay within L2.
+    chunk = max(256, min(4096, (256 << 10) // (block_r * itemsize)))
     if precision == F64.value:
-        return [Config(16, 4, 2, min(block, 32)), Config(16, 4, 1, 16)]
-    if block >= 128:
-        return [Config(32, 8, 2, block_n), Config(32, 4, 1, block_n), Config(16, 4, 1, 32)]
-    return [Config(128, 4, 3, block_n), Config(64, 4, 2, block_n), Config(16, 4, 1, block_n)]
-
-
-# (kernel, variant) -> index of the first candidate that compiled within the device's limits.
-_chosen: dict[tuple, int] = {}
-
-
-def _launch(kernel: str, variant: tuple, precision: int, block: int, run):
-    candidates = _candidates(kernel, precision, block)
-    key = (kernel, variant, tuple(candidates))
-    for i in range(_chosen.get(key, 0), len(candidates)):
-        try:
-            run(candidates[i])
-        except OutOfResources:
-            if i == len(candidates) - 1:
-                raise
-            continue
-        _chosen[key] = i
-        return
+        return [Config(16, 16, min(block_r, 32), chunk, 1.0, 4, 2), Config(16, 16, 16, chunk, 1.0, 4, 1)]
+    if block_r > MAX_GRAM_BLOCK:  # block pairs and blocks of G − I: a correctness path, kept small
+        return [Config(16, 16, 64, chunk, 1.0, 8, 2), Config(16, 16, 32, chunk, 1.0, 4, 1)]
+    if block_r == MAX_GRAM_BLOCK:
+        return [Config(rows, 32, block_n, chunk, 1.0, 8, 3), Config(rows, 32, block_n, chunk, 1.0, 8, 2),
+                Config(16, 16, 32, chunk, 1.0, 4, 1)]
+    # Gradient tiles of up to 2048 accumulator elements per warp pair (no spills at 4 warps).
+    gradient_rows = min(rows, max(32, 2048 // block_r))
+    return [Config(rows, gradient_rows, block_n, chunk, 1.0, 4, 3), Config(32, 32, block_n, chunk, 1.0, 4, 2),
+            Config(16, 16, block_n, chunk, 1.0, 4, 1)]
 
 
 def _precision(dtype: torch.dtype) -> int:
@@ -439,93 +597,158 @@ def _vectorizable(ptr: int, length: int, rank: int, stride_l: int, stride_r: int
     return True
 
 
-def _chunked(spans: list[tuple[int, int, int]], programs: int, granule: int, min_rows: int, split: bool):
-    """Cut each ``(matrix, length, pieces)`` into row chunks (multiples of ``granule``) so that
-    about ``programs`` (chunk, piece) work items exist; longest first."""
-    units = sum(length * pieces for _, length, pieces in spans)
-    rows = max(min_rows, -(-units // programs))
-    rows = -(-rows // granule) * granule
-    items = []
-    for matrix, length, _ in spans:
-        step = rows if split else length
-        starts = range(0, length, step)
-        items.extend((matrix, start, min(start + step, length), len(starts)) for start in starts)
-    items.sort(key=lambda item: item[1] - item[2])
-    return items
+def _chunks(length: int, rows: int) -> list[tuple[int, int]]:
+    return [(start, min(start + rows, length)) for start in range(0, length, rows)]
 
 
-def _device_table(rows: list[list[int]], width: int, device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.int64).reshape(-1, width).to(device)
+def _work_order(shapes, mode: str, deterministic: bool, config: Config, programs: int, gram_block: int,
+                block_n: int) -> list[list[int]]:
+    """The work queue of one launch: rows of the work table for matrices of ``shapes``
+    (``(length, rank)`` each). ``mode``: ``"forward"`` (Gram items), ``"backward"`` (gradient
+    items) or ``"step"`` (both, every matrix's Gram items before its gradient items)."""
+    gram, gradient = [], []  # (sort key, row)
+    position = 0
+    finish = _estimated_gram_finish(shapes, programs, gram_block) if deterministic else None
+    for m, (length, rank) in enumerate(shapes):
+        blocks = -(-rank // gram_block)
+        pairs = [(a, b) for a in range(blocks) for b in range(a, blocks)]
+        gram_chunks = _chunks(length, length if deterministic else config.chunk_rows)
+        phase = GRAM_ADD.value if len(gram_chunks) > 1 else GRAM_STORE.value
+        count = len(gram_chunks) * len(pairs)
+        for start, end in gram_chunks:
+            # Deterministic: longest first, so that the short ones fill the tail.
+            key = (-length * len(pairs), m) if deterministic else (position + start,)
+            gram.extend((key, [m, start, end, phase, a, b, count, 0]) for a, b in pairs)
+        for start, end in _chunks(length, config.chunk_rows):
+            if deterministic:
+                key = (finish[m], m, start)
+            elif mode == "step":
+                lag = math.inf if math.isinf(config.lag) else config.lag * programs * config.chunk_rows
+                key = (min(position + length + lag, math.inf), position + start)
+            else:
+                key = (position + start,)
+            gradient.extend((key, [m, start, end, GRADIENT.value, col, 0, count, 0]) for col in range(0, rank, block_n))
+        position += length
+    if mode == "forward":
+        items = gram
+    elif mode == "backward":
+        items = gradient
+    elif deterministic:
+        items = sorted(gram, key=lambda item: item[0]) + sorted(gradient, key=lambda item: item[0])
+        return [row for _, row in items]
+    else:
+        # Merge on the row position of the Gram stream, a Gram item first on a tie: a gradient item's
+        # key is past every Gram item of its matrix.
+        items = [((key[0], 0), row) for key, row in gram] + [((key[0], 1, *key[1:]), row) for key, row in gradient]
+    return [row for _, row in sorted(items, key=lambda item: item[0])]
+
+
+def _estimated_gram_finish(shapes, programs: int, gram_block: int) -> list[float]:
+    """When each matrix's (single) Gram item would finish if ``programs`` programs took them
+    longest first, in rows read: gradient items are queued in that order."""
+    costs = [length * (-(-rank // gram_block)) * (-(-rank // gram_block) + 1) // 2 for length, rank in shapes]
+    busy = [0.0] * programs
+    finish = [0.0] * len(shapes)
+    for m in sorted(range(len(shapes)), key=lambda m: (-costs[m], m)):
+        start = heapq.heappop(busy)
+        finish[m] = start + costs[m]
+        heapq.heappush(busy, finish[m])
+    return finish
+
+
+def _device_table(rows: list[list[int]], width: int, dtype: torch.dtype, device) -> torch.Tensor:
+    table = torch.tensor(rows, dtype=dtype).reshape(-1, width)
+    if device.type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
 
 
 class _Group:
-    """The factors of one dtype: one launch of each kernel."""
+    """The factors of one dtype: one launch."""
 
     def __init__(self, dtype, members, plan):
         self.plan = plan
         self.dtype = dtype
         self.tl_dtype = _TL_DTYPES[dtype]
+        self.itemsize = dtype.itemsize
         self.vec = 16 // dtype.itemsize
         # members: (index in the factor list, pointer, length, rank, stride_l, stride_r, kind)
         self.members = members
+        self.indices = [m[0] for m in members]
         self.block_r = max(16, triton.next_power_of_2(max(m[3] for m in members)))
-        self.gram_block = min(self.block_r, MAX_GRAM_BLOCK)
         self.block_k = min(self.block_r, MAX_GRAM_BLOCK)
         self.aligned = all(_vectorizable(p, L, r, sl, sr, kind, self.vec) for _, p, L, r, sl, sr, kind in members)
         self.mats = _device_table([[p, sl, sr, r, kind, i] for i, p, L, r, sl, sr, kind in members], MAT_FIELDS.value,
-                                  plan.device)
-        self._gram_work: dict[bool, torch.Tensor] = {}
-        self._gradient_work: dict[int, torch.Tensor] = {}
+                                  torch.int64, plan.device)
+        self._queues: dict[tuple, tuple[torch.Tensor, int]] = {}
+        self.launches: dict[tuple, object] = {}
+        # Backward outputs: {wanted factors: (device table, per member (offset, shape) or None,
+        # elements of the buffer, aligned)}.
+        self._flat_outputs: dict[tuple, tuple] = {}
 
-    def gram_work(self, deterministic: bool) -> torch.Tensor:
-        if deterministic not in self._gram_work:
-            spans = []
-            for local, (_, _, L, r, *_rest) in enumerate(self.members):
-                blocks = -(-r // self.gram_block)
-                spans.append((local, L, blocks * (blocks + 1) // 2))
-            rows = []
-            for local, start, end, chunks in self.plan.chunk(spans, split=not deterministic):
-                blocks = -(-self.members[local][3] // self.gram_block)
-                for a in range(blocks):
-                    for b in range(a, blocks):
-                        rows.append([local, start, end, a, b, int(chunks > 1)])
-            self._gram_work[deterministic] = _device_table(rows, WORK_FIELDS.value, self.plan.device)
-        return self._gram_work[deterministic]
+    def queue(self, mode: str, deterministic: bool, config: Config, programs: int) -> tuple[torch.Tensor, int]:
+        block_n = min(config.block_n, self.block_r)
+        key = (mode, deterministic, config, programs, block_n)
+        if key not in self._queues:
+            shapes = [(L, r) for _, _, L, r, *_rest in self.members]
+            rows = _work_order(shapes, mode, deterministic, config, programs, self.gram_block(config), block_n)
+            self._queues[key] = (_device_table(rows, WORK_FIELDS.value, torch.int32, self.plan.device), len(rows))
+        return self._queues[key]
 
-    def gradient_work(self, block_n: int) -> torch.Tensor:
-        if block_n not in self._gradient_work:
-            spans = [(local, m[2], -(-m[3] // block_n)) for local, m in enumerate(self.members)]
-            rows = []
-            for local, start, end, _ in self.plan.chunk(spans, split=True):
-                for col in range(0, self.members[local][3], block_n):
-                    rows.append([local, start, end, col, 0, 0])
-            self._gradient_work[block_n] = _device_table(rows, WORK_FIELDS.value, self.plan.device)
-        return self._gradient_work[block_n]
+    def gram_block(self, config: Config) -> int:
+        return min(self.block_r, config.gram_block)
 
+    def output_layout(self, outs: list) -> tuple[torch.Tensor, bool]:
+        """The output table of these outputs (shaped like their factors, any layout) without
+        their addresses, on the host, and whether their layouts allow 16-byte accesses."""
+        rows, aligned = [], self.aligned
+        for i, p, L, r, sl, sr, kind in self.members:
+            out = outs[i]
+            is_vt = i >= self.plan.num_Us
+            shape = (r, L) if is_vt else (L, r)
+            if out.shape != shape or out.dtype != self.dtype or out.device != self.plan.device:
+                raise ValueError(f"output {i} must be a {self.dtype} tensor shaped like its factor {list(shape)} on "
+                                 f"{self.plan.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+            out_sl, out_sr = out.stride()[::-1] if is_vt else out.stride()
+            joint = kind if _kind(r, out_sl, out_sr) == kind else STRIDED.value
+            aligned = aligned and _vectorizable(0, L, r, out_sl, out_sr, joint, self.vec)
+            rows.append([0, out_sl, out_sr, joint])
+        return torch.tensor(rows, dtype=torch.int64).reshape(-1, OUT_FIELDS.value), aligned
 
-class _OutputTable:
-    """Per group, the device table of output pointers and strides, and whether all are aligned."""
+    def output_table(self, layout: tuple[torch.Tensor, bool], pointers: list[int]) -> tuple[torch.Tensor, bool]:
+        """The device table of outputs laid out as ``layout`` at these addresses (of every
+        factor), and whether all accesses can be 16 bytes wide."""
+        template, aligned = layout
+        addresses = [pointers[i] for i in self.indices]
+        table = template.clone()
+        table[:, OUT_OFFSET.value] = torch.tensor(addresses, dtype=torch.int64)
+        if self.plan.device.type == "cuda":
+            table = table.pin_memory().to(self.plan.device, non_blocking=True)
+        return table, aligned and all(address % 16 == 0 for address in addresses)
 
-    def __init__(self, plan, outs: list):
-        self.tables = []
-        self.aligned = []
-        for group in plan.groups:
-            rows, aligned = [], group.aligned
-            for i, p, L, r, sl, sr, kind in group.members:
-                out = outs[i]
-                if out is None:
-                    rows.append([0, 0, 0, STRIDED.value])
+    def flat_outputs(self, wanted: tuple) -> tuple:
+        """For gradients returned by the backward pass: one buffer holds them all, each laid
+        out like a contiguous factor (``Vt [r, L]`` row-major is ``Vtᵀ`` column-major)."""
+        if wanted not in self._flat_outputs:
+            rows, views, offset = [], [], 0
+            for i, _, L, r, _, _, kind in self.members:
+                if not wanted[i]:
+                    rows.append([0, 0, 0, SKIP.value])
+                    views.append(None)
                     continue
-                if out.shape != (L, r) or out.dtype != group.dtype or out.device != plan.device:
-                    raise ValueError(f"output {i} must be a {group.dtype} tensor like its factor [{L}, {r}] on "
-                                     f"{plan.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
-                out_sl, out_sr = out.stride()
-                out_kind = _kind(r, out_sl, out_sr)
-                joint = kind if out_kind == kind else STRIDED.value
-                aligned = aligned and _vectorizable(out.data_ptr(), L, r, out_sl, out_sr, joint, group.vec)
-                rows.append([out.data_ptr(), out_sl, out_sr, joint])
-            self.tables.append(_device_table(rows, OUT_FIELDS.value, plan.device))
-            self.aligned.append(aligned)
+                is_vt = i >= self.plan.num_Us
+                rows.append([offset * self.itemsize, 1 if is_vt else r, L if is_vt else 1,
+                             COL_MAJOR.value if is_vt else ROW_MAJOR.value])
+                views.append((offset, (r, L) if is_vt else (L, r)))
+                offset += -(-L * r // self.vec) * self.vec  # every output starts on 16 bytes
+            # Joint kind: a factor laid out otherwise than its output goes the strided way.
+            for row, (*_, kind) in zip(rows, self.members):
+                if row[3] != SKIP.value and row[3] != kind:
+                    row[3] = STRIDED.value
+            aligned = self.aligned and all(row[3] != STRIDED.value for row in rows)
+            table = _device_table(rows, OUT_FIELDS.value, torch.int64, self.plan.device)
+            self._flat_outputs[wanted] = (table, views, offset, aligned)
+        return self._flat_outputs[wanted]
 
 
 class Plan:
@@ -536,36 +759,82 @@ class Plan:
     def __init__(self, Us, Vts):
         mats = factor_matrices(Us, Vts)
         self.device = mats[0].device
+        self.num_Us = len(Us)
         self.count = len(mats)
-        self.width = max(m.shape[1] for m in mats)
+        # Gram matrices are zero-padded to a multiple of 16 columns: aligned rows.
+        self.width = -(-max(m.shape[1] for m in mats) // 16) * 16
         self.gram_dtype = gram_dtype(mats)
-        interpreted = self.device.type != "cuda"
-        self.granule = _INTERPRETER_ROW_GRANULE if interpreted else _GPU_ROW_GRANULE
-        self.min_chunk_rows = self.granule if interpreted else _GPU_MIN_CHUNK_ROWS
-        sms = 1 if interpreted else torch.cuda.get_device_properties(self.device).multi_processor_count
-        self.programs = _PROGRAMS_PER_SM * sms
+        self.sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 1
         by_dtype: dict[torch.dtype, list] = {}
         for i, m in enumerate(mats):
             L, r = m.shape
             sl, sr = m.stride()
             by_dtype.setdefault(m.dtype, []).append((i, m.data_ptr(), L, r, sl, sr, _kind(r, sl, sr)))
         self.groups = [_Group(dtype, members, self) for dtype, members in by_dtype.items()]
-        self._output_tables: OrderedDict[tuple, _OutputTable] = OrderedDict()
+        # Gram stack, norms, then the queue counters of every group and the matrices' arrival
+        # counters (int32) in one zeroed workspace per call.
+        gram_elements = self.count * self.width * self.width
+        self._norms_at = gram_elements
+        self._counters_at = gram_elements + self.count
+        counter_ints = QUEUE_SLOTS * len(self.groups) + self.count
+        ints_per_element = self.gram_dtype.itemsize // 4
+        self._workspace_elements = self._counters_at + -(-counter_ints // ints_per_element)
+        # {data pointers of the outputs: per group (device table, aligned)}: .grad tensors are
+        # often reallocated at the addresses they had.
+        self._output_tables: OrderedDict[tuple, list] = OrderedDict()
+        self._latest_outputs: tuple = (None, None)
+        # Strides of the outputs whose layouts (per group: host table without addresses, aligned)
+        # were checked last.
+        self._output_strides: list | None = None
+        self._output_layouts: list = []
 
-    def chunk(self, spans, split: bool):
-        return _chunked(spans, self.programs, self.granule, self.min_chunk_rows, split)
+    def workspace(self):
+        """Zeroed Gram stack ``[n, W, W]``, norms ``[n]`` and counters (one allocation, one fill)."""
+        workspace = torch.zeros(self._workspace_elements, dtype=self.gram_dtype, device=self.device)
+        grams = workspace[: self._norms_at].view(self.count, self.width, self.width)
+        norms = workspace[self._norms_at : self._counters_at]
+        counters = workspace[self._counters_at :].view(torch.int32)
+        return grams, norms, counters
 
-    def output_table(self, U_outs, Vt_outs) -> _OutputTable:
-        """The output table for these tensors (cached: .grad tensors mostly keep their storage too)."""
-        key = tuple([None if o is None else (o.data_ptr(), o.stride()) for o in (*U_outs, *Vt_outs)])
-        table = self._output_tables.get(key)
-        if table is None:
-            table = self._output_tables[key] = _OutputTable(self, factor_matrices(U_outs, Vt_outs))
+    def per_call(self, group, counters, grams, norms, value, *, official, outs=None, out_base=0, out_aligned=False,
+                 scale=None, coeff=1.0) -> dict:
+        """The kernel arguments of one call for ``group``."""
+        number = self.groups.index(group)
+        # Float arguments are float32: the coefficient goes as a pair (exact to 2^-48 when finite).
+        coeff_hi = float(numpy.float32(coeff))
+        coeff_lo = coeff - coeff_hi if math.isfinite(coeff_hi) else 0.0
+        # Pointers the variant does not use still need a tensor: any will do.
+        return dict(
+            outs=group.mats if outs is None else outs, out_base=out_base, grams=grams, norms=norms,
+            value=norms if value is None else value, queue=counters[QUEUE_SLOTS * number : QUEUE_SLOTS * (number + 1)],
+            arrivals=counters[QUEUE_SLOTS * len(self.groups) :], scale=norms if scale is None else scale,
+            coeff_hi=coeff_hi, coeff_lo=coeff_lo, official=official,
+            variant=(value is not None, scale is not None, out_aligned),
+        )
+
+    def output_tables(self, outs: list) -> list:
+        """Per group, the device table of these outputs (every factor's, shaped like it) and
+        whether it is aligned, cached under their data pointers. New pointers with the strides
+        of the latest outputs (``.grad`` tensors reallocated each step: autograd lays them out
+        like their parameters) only refill the address column."""
+        pointers = list(map(torch.Tensor.data_ptr, outs))
+        if pointers == self._latest_outputs[0]:
+            return self._latest_outputs[1]
+        key = tuple(pointers)
+        tables = self._output_tables.get(key)
+        if tables is None:
+            strides = list(map(torch.Tensor.stride, outs))
+            if strides != self._output_strides:
+                self._output_layouts = [group.output_layout(outs) for group in self.groups]
+                self._output_strides = strides
+            tables = [group.output_table(layout, pointers) for group, layout in zip(self.groups, self._output_layouts)]
+            self._output_tables[key] = tables
             while len(self._output_tables) > self._OUTPUT_TABLES_CACHED:
                 self._output_tables.popitem(last=False)
         else:
             self._output_tables.move_to_end(key)
-        return table
+        self._latest_outputs = (pointers, tables)
+        return tables
 
 
 def _on_device(device: torch.device):
@@ -576,49 +845,140 @@ def _accumulator(precision: int):
     return tl.float64 if precision == F64.value else tl.float32
 
 
+def _complete_rows(block_r: int, block_k: int, num_warps: int) -> int:
+    """Rows of the Gram matrix the completing item handles at once: about 8 elements per thread
+    (its tiles of 64-bit pointers would otherwise dominate the kernel's registers); under the
+    interpreter, half the matrix (still two steps, at a fraction of the interpreted time)."""
+    if _triton_interpreted():
+        return max(1, block_r // 2)
+    return min(block_r, max(1, 8 * 32 * num_warps // block_k))
+
+
+# Kernel arguments that change from call to call; the others are fixed per group and variant.
+_PER_CALL = ("outs", "out_base", "queue", "arrivals", "grams", "norms", "value", "scale", "coeff_hi", "coeff_lo",
+             "official")
+# (variant, candidates) -> index of the first candidate that compiled within the device's limits.
+_chosen: dict[tuple, int] = {}
+
+
+@dataclasses.dataclass
+class _Launch:
+    """One group's launch of one variant, ready to repeat: the compiled kernel (None under the
+    interpreter) and every argument in order, the per-call ones to be filled in."""
+
+    config: Config
+    programs: int
+    kernel: object
+    arguments: list
+    slots: list[int]
+
+    def __call__(self, per_call: dict):
+        arguments = self.arguments.copy()
+        for slot, name in zip(self.slots, _PER_CALL):
+            arguments[slot] = per_call[name]
+        _launch_kernel(self.kernel, self.programs, arguments)
+
+
+def _launch_kernel(kernel, programs: int, arguments: list):
+    """Launch ``kernel`` (already compiled) with every argument in order."""
+    kernel[(programs, 1, 1)](*arguments)
+
+
+def _run(plan: Plan, group: _Group, mode: str, per_call: dict):
+    """Run ``mode`` (forward, backward or step) over ``group`` with these per-call arguments."""
+    precision = _precision(group.dtype)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    variant = (mode, precision, deterministic, *per_call["variant"], override)
+    launch = group.launches.get(variant)
+    if launch is None:
+        launch = group.launches[variant] = _first_launch(plan, group, variant, per_call)
+        if launch is None:  # the first launch ran the kernel already
+            del group.launches[variant]
+        return
+    launch(per_call)
+
+
+def _first_launch(plan: Plan, group: _Group, variant: tuple, per_call: dict) -> _Launch | None:
+    """Compile (or find) the kernel of ``variant``, trying the candidate configurations in
+    order, and run it; returns what repeats the launch (None under the interpreter)."""
+    mode, precision, deterministic, has_value, scaled, out_aligned, _ = variant
+    candidates = _candidates(precision, group.block_r, group.itemsize)
+    key = ((group.dtype, group.block_r, group.aligned) + variant, tuple(candidates))
+    for i in range(_chosen.get(key, 0), len(candidates)):
+        config = candidates[i]
+        programs = plan.sms * config.programs_per_sm
+        work, num_items = group.queue(mode, deterministic, config, programs)
+        arguments = dict(
+            mats=group.mats, work=work, num_items=num_items, gram_stride=plan.width * plan.width,
+            gram_width=plan.width, count=plan.count, value_count=plan.count,
+            DTYPE=group.tl_dtype, ACC_DTYPE=_accumulator(precision), PRECISION=precision, GRAM=mode != "backward",
+            GRADIENT_PHASE=mode != "forward", VALUE=has_value, SCALED=scaled, ACCUMULATE=mode == "step",
+            GRAM_ROWS=config.gram_rows, GRADIENT_ROWS=config.gradient_rows, BLOCK=group.gram_block(config),
+            NUM_BLOCKS=group.block_r // group.gram_block(config), BLOCK_N=min(config.block_n, group.block_r),
+            BLOCK_K=group.block_k, NUM_K=group.block_r // group.block_k,
+            COMPLETE_ROWS=_complete_rows(group.block_r, group.block_k, config.num_warps),
+            ALIGNED=group.aligned, OUT_ALIGNED=out_aligned, VEC=group.vec, VALUE_BLOCK=1024,
+            **{name: per_call[name] for name in _PER_CALL},
+        )
+        try:
+            compiled = _ortho_kernel[(programs,)](**arguments, num_warps=config.num_warps,
+                                                  num_stages=config.num_stages)
+        except OutOfResources:
+            if i == len(candidates) - 1:
+                raise
+            continue
+        _chosen[key] = i
+        if _triton_interpreted():
+            return None
+        names = _ortho_kernel.arg_names
+        # The per-call arguments are left out (the template must not keep this call's tensors alive).
+        return _Launch(config, programs, compiled, [None if name in _PER_CALL else arguments[name] for name in names],
+                       [names.index(name) for name in _PER_CALL])
+
+
 def prepare(Us, Vts) -> Plan:
     return Plan(Us, Vts)
 
 
-def grams(plan: Plan, Us, Vts) -> torch.Tensor:
-    width = plan.width
-    out = torch.zeros((plan.count, width, width), dtype=plan.gram_dtype, device=plan.device)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    with _on_device(plan.device):
-        for group in plan.groups:
-            precision = _precision(group.dtype)
-            work = group.gram_work(deterministic)
-
-            def run(config, group=group, precision=precision, work=work):
-                _gram_kernel[(work.shape[0],)](
-                    group.mats, work, out, width * width, width,
-                    DTYPE=group.tl_dtype, ACC_DTYPE=_accumulator(precision), PRECISION=precision,
-                    BLOCK_L=config.block_l, BLOCK=group.gram_block, NUM_BLOCKS=group.block_r // group.gram_block,
-                    ALIGNED=group.aligned, VEC=group.vec, num_warps=config.num_warps, num_stages=config.num_stages,
-                )
-
-            _launch("gram", (group.dtype, precision, group.gram_block), precision, group.gram_block, run)
-    return out
-
-
-def add_penalty_grads_(plan: Plan, Us, Vts, grams, form, scale, U_outs, Vt_outs, accumulate):
-    width = plan.width
-    outputs = plan.output_table(U_outs, Vt_outs)
-    norms = torch.empty(plan.count, dtype=grams.dtype, device=plan.device)
+def forward(plan: Plan, Us, Vts, form):
+    grams, norms, counters = plan.workspace()
+    value = torch.empty((), dtype=plan.gram_dtype, device=plan.device)
     official = int(form == "official")
     with _on_device(plan.device):
-        for group, table, aligned in zip(plan.groups, outputs.tables, outputs.aligned):
-            precision = _precision(group.dtype)
+        for group in plan.groups:
+            last = group is plan.groups[-1]
+            _run(plan, group, "forward", plan.per_call(group, counters, grams, norms, value if last else None,
+                                                       official=official))
+    return value, grams, norms
 
-            def run(config, group=group, precision=precision, table=table, aligned=aligned):
-                work = group.gradient_work(config.block_n)
-                _gradient_kernel[(work.shape[0],)](
-                    group.mats, table, work, grams, norms, scale, width * width, width, plan.count, official,
-                    DTYPE=group.tl_dtype, ACC_DTYPE=_accumulator(precision), PRECISION=precision,
-                    ACCUMULATE=bool(accumulate), BLOCK_L=config.block_l, BLOCK_N=config.block_n,
-                    BLOCK_K=group.block_k, NUM_K=group.block_r // group.block_k, ALIGNED=aligned, VEC=group.vec,
-                    num_warps=config.num_warps, num_stages=config.num_stages,
-                )
 
-            _launch("gradient", (group.dtype, precision, group.block_r), precision, group.block_r, run)
-    return norms
+def backward(plan: Plan, Us, Vts, grams, norms, form, scale, wanted):
+    counters = torch.zeros(QUEUE_SLOTS * len(plan.groups) + plan.count, dtype=torch.int32, device=plan.device)
+    official = int(form == "official")
+    grads = [None] * plan.count
+    with _on_device(plan.device):
+        for group in plan.groups:
+            table, views, elements, aligned = group.flat_outputs(tuple(wanted))
+            if not elements:
+                continue
+            buffer = torch.empty(elements, dtype=group.dtype, device=plan.device)
+            for i, view in zip(group.indices, views):
+                if view is not None:
+                    offset, shape = view
+                    grads[i] = buffer[offset : offset + shape[0] * shape[1]].view(shape)
+            _run(plan, group, "backward", plan.per_call(group, counters, grams, norms, None, official=official,
+                                                        outs=table, out_base=buffer.data_ptr(), out_aligned=aligned,
+                                                        scale=scale))
+    return grads
+
+
+def step_(plan: Plan, Us, Vts, form, coeff, outs):
+    grams, norms, counters = plan.workspace()
+    value = torch.empty((), dtype=plan.gram_dtype, device=plan.device)
+    official = int(form == "official")
+    with _on_device(plan.device):
+        for group, (table, aligned) in zip(plan.groups, plan.output_tables(outs)):
+            last = group is plan.groups[-1]
+            _run(plan, group, "step", plan.per_call(group, counters, grams, norms, value if last else None,
+                                                    official=official, outs=table, out_aligned=aligned, coeff=coeff))
+    return value
