@@ -13,6 +13,8 @@ from sorsa_kernels.backends import IMPLEMENTATIONS, available_backends
 
 SUITES = {
     "linear": "sorsa_kernels.benchmark.linear",
+    "ortho": "sorsa_kernels.benchmark.ortho",
+    "init": "sorsa_kernels.benchmark.init",
 }
 
 

@@ -347,7 +347,14 @@ def host_cost(factors: int = 448, calls: int = 200) -> list[dict]:
     return rows
 
 
-def main():
+def main(quick: bool, out_dir: str = "bench/results") -> None:
+    """The suite as ``sorsa-kernels bench`` runs it: time every set, print, store the JSON."""
+    rows = run(quick)
+    print(format_table(rows, COLUMNS))
+    print(f"results: {write_results('ortho', rows, out_dir, quick=quick)}")
+
+
+def _command_line():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny set on the CPU (smoke test)")
     parser.add_argument("--sweep", action="store_true", help="time the kernel under the sweep's configurations")
@@ -360,10 +367,8 @@ def main():
     elif args.sweep:
         print(f"results: {write_results('ortho-sweep', sweep())}")
     else:
-        rows = run(args.quick)
-        print(format_table(rows, COLUMNS))
-        print(f"results: {write_results('ortho', rows)}")
+        main(args.quick or not torch.cuda.is_available())
 
 
 if __name__ == "__main__":
-    main()
+    _command_line()
