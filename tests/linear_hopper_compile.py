@@ -1,7 +1,7 @@
 """Compile every candidate configuration of the sorsa_linear Triton kernels for sm_90 (H100)
 without a GPU, as test_linear runs it in a subprocess (TRITON_INTERPRET must be unset): each must
 fit the shared memory of one H100 block, and those of 16-bit and float32 operands must compile
-without register spills (ptxas -v). The six launches of a training step run on meta tensors with
+without register spills (no stack frame in the cubin, per cuobjdump). The six launches of a training step run on meta tensors with
 their kernel launches captured, so the arguments, specializations and configurations are exactly
 those a GPU launch compiles. Prints one line per compiled kernel.
 """
@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from sorsa_kernels.benchmark.linear_products import compiled_variants, step_products  # noqa: E402
-from sorsa_kernels.benchmark.precompile import captured_launches, compile_all, ptxas_usage  # noqa: E402
+from sorsa_kernels.benchmark.precompile import captured_launches, compile_all, resource_usage  # noqa: E402
 from sorsa_kernels.triton import linear  # noqa: E402
 
 H100_SHARED_BYTES = 232448
@@ -52,7 +52,7 @@ def launches_of(case):
 
 
 def usage(compiled):
-    return compiled.metadata.shared, *ptxas_usage(compiled.asm["ptx"], "sm_90a")
+    return compiled.metadata.shared, *resource_usage(compiled.asm["cubin"])
 
 
 def main():
@@ -66,11 +66,11 @@ def main():
         if isinstance(result, str):
             failed, line = True, f"error {result}"
         else:
-            shared, registers, spills = result
+            shared, registers, stack = result
             first = launch.args[0]
             strict = getattr(first, "base", first).dtype != torch.float64  # float64 may spill: a correctness path
-            failed = shared > H100_SHARED_BYTES or (strict and spills > 0)
-            line = f"shared {shared} registers {registers} spills {spills}"
+            failed = shared > H100_SHARED_BYTES or (strict and stack > 0)
+            line = f"shared {shared} registers {registers} stack {stack}"
         failures += failed
         print(f"{'FAIL' if failed else 'ok  '} {label}: {line}", flush=True)
     print(f"{len(seen)} kernels, {failures} failures")

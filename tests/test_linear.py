@@ -297,6 +297,7 @@ def test_every_candidate_config(rows, in_features, out_features, rank, dtype):
         product.launch(product.candidates[0])  # the input of later products: computed as the step would
 
 
+@pytest.mark.slow  # a few minutes on two cores with a cold Triton cache: hundreds of kernels
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_kernels_compile_for_hopper_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -72,20 +72,19 @@ def compile_launch(launch: Launch, target: GPUTarget):
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
-def ptxas_usage(ptx: str, arch: str) -> tuple[int, int]:
-    """(registers, spilled bytes) per thread that ptxas reports for ``ptx``."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as file:
-        file.write(ptx)
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, stack frame bytes per thread) of a compiled kernel, as cuobjdump
+    reports them; Triton kernels keep no local arrays, so a stack frame holds register spills."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as file:
+        file.write(cubin)
     try:
-        info = subprocess.run([ptxas, f"-arch={arch}", "-v", file.name, "-o", os.devnull], capture_output=True, text=True)
+        info = subprocess.run([cuobjdump, "-res-usage", file.name], capture_output=True, text=True, check=True)
     finally:
         os.unlink(file.name)
-    if info.returncode != 0:
-        raise RuntimeError(info.stderr[-2000:])
-    registers = max(map(int, re.findall(r"Used (\d+) registers", info.stderr)), default=-1)
-    spills = max(map(int, re.findall(r"(\d+) bytes spill stores", info.stderr)), default=0)
-    return registers, spills
+    registers = max(map(int, re.findall(r"REG:(\d+)", info.stdout)), default=-1)
+    stack = max(map(int, re.findall(r"STACK:(\d+)", info.stdout)), default=0)
+    return registers, stack
 
 
 _JOBS: list = []  # (launch, target, summarize) for the forked workers of compile_all

@@ -153,9 +153,10 @@ class Config:
     def of(warps=4, stages=3, split=1, tma=False, persistent=False, **meta):
         return Config(tuple(meta.items()), warps, stages, split, tma, persistent)
 
-    @property
+    @functools.cached_property
     def kwargs(self) -> dict:
-        return dict(self.meta)
+        """The meta-parameters and the compile options, as a launch takes them."""
+        return dict(self.meta, num_warps=self.warps, num_stages=self.stages)
 
     def __str__(self):
         fields = [f"{k}={v}" for k, v in self.meta]
@@ -180,6 +181,8 @@ def _choose(key: tuple, candidates, launch, reset=None) -> Config:
     configs = candidates()
     if len(configs) == 1 or _triton_interpreted() or os.environ.get(AUTOTUNE_ENV, "1") == "0":
         config = configs[0]
+    elif torch.cuda.is_current_stream_capturing():  # no timing inside a CUDA graph capture
+        return configs[0]
     else:
         config = min(configs, key=lambda c: _time_ms(launch, c))
         if reset is not None:
@@ -196,6 +199,18 @@ def _time_ms(launch, config) -> float:
         return float("inf")
 
 
+# Host-side arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are constexpr
+# functions, several microseconds a call outside a kernel.
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 @functools.cache
 def _multiprocessor_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
@@ -204,10 +219,11 @@ def _multiprocessor_count(device: torch.device) -> int:
 def _row_bucket(rows: int) -> int:
     """Key for a row count, which may change every step: the next power of two up to 64 rows
     (decode), of four above."""
-    bucket = max(16, triton.next_power_of_2(rows))
+    bucket = max(16, _next_power_of_2(rows))
     return bucket if bucket <= 64 else 4 ** ((bucket.bit_length()) // 2)
 
 
+@functools.lru_cache(maxsize=256)
 def _float32_pair(value: float) -> tuple[float, float]:
     """``value`` as float32 ``hi`` and ``lo`` with ``hi + lo`` ≈ value to about 2⁻⁴⁸ (see :func:`_scale`)."""
     hi = struct.unpack("f", struct.pack("f", value))[0]
@@ -215,7 +231,7 @@ def _float32_pair(value: float) -> tuple[float, float]:
 
 
 def _rank_pad(rank: int) -> int:
-    return max(16, triton.next_power_of_2(rank))
+    return max(16, _next_power_of_2(rank))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -234,7 +250,8 @@ def _split_choices(tiles: int, steps: int, device) -> list[int]:
     if torch.are_deterministic_algorithms_enabled():
         return [1]
     split = 1
-    while tiles * split < _multiprocessor_count(device) and split * 4 <= steps:
+    programs = _multiprocessor_count(device)
+    while tiles * split < programs and split * 4 <= steps:
         split *= 2
     return sorted({1, max(1, split // 2), split})
 
@@ -396,27 +413,23 @@ def _matmul_candidates(rows: int, size: int, tma: bool) -> list[Config]:
     ]
 
 
-def _tma_ready(tensor: torch.Tensor) -> bool:
-    """Whether a 2-D tensor can be a TMA operand: 16-bit elements, unit stride along its
-    columns, base and row stride 16-byte aligned."""
-    return (
-        tensor.element_size() == 2
-        and tensor.stride(1) == 1
-        and tensor.stride(0) % 8 == 0
-        and tensor.data_ptr() % 16 == 0
-    )
+def _tma_ready(tensor: torch.Tensor, strides: tuple[int, int]) -> bool:
+    """Whether a 2-D tensor with these strides (its own, or swapped: its transpose) can be a TMA
+    operand: 16-bit elements, unit stride along its columns, base and row stride 16-byte aligned."""
+    return strides[1] == 1 and strides[0] % 8 == 0 and tensor.data_ptr() % 16 == 0
 
 
-def _tma_operands(a, b, out):
-    """(b's TMA view, whether it is [N, K]) when a, b and out suit the TMA kernel, else None."""
-    if not HAS_TMA or b is None or a.shape[0] <= 64 or a.dtype != out.dtype or b.dtype != a.dtype:
+def _tma_layout(a, a_strides, b, b_strides, out, out_strides):
+    """``"[K, N]"`` or ``"[N, K]"``, how b suits the TMA kernel (stored as is, or transposed), or
+    ``None`` when a, b or out do not suit it (then the pointer kernel runs)."""
+    if not HAS_TMA or b is None or out.shape[0] <= 64 or a.element_size() != 2 or b.dtype != a.dtype:
         return None
-    if not (_tma_ready(a) and _tma_ready(out)):
+    if not (_tma_ready(a, a_strides) and _tma_ready(out, out_strides)):
         return None
-    if _tma_ready(b):
-        return b, False
-    if _tma_ready(b.T):
-        return b.T, True
+    if _tma_ready(b, b_strides):
+        return "[K, N]"
+    if _tma_ready(b, b_strides[::-1]):
+        return "[N, K]"
     return None
 
 
@@ -435,54 +448,54 @@ def extended_matmul(a, b, t, tb, S, scale, bias, out, config: Config | None = No
     ``config`` overrides the tuned choice (for benchmarks; see :func:`matmul_candidates`).
     """
     rows, cols = out.shape
+    inner = a.shape[1] if b is not None else 0
     rank = t.shape[1]
-    size = out.element_size()
-    tma = _tma_operands(a, b, out)
+    a_strides, out_strides = a.stride(), out.stride()
+    b_strides = b.stride() if b is not None else (0, 0)
+    layout = _tma_layout(a, a_strides, b, b_strides, out, out_strides)
     if config is None:
-        key = ("matmul", a.device, a.dtype, _row_bucket(rows), cols, a.shape[1] if b is not None else 0, rank,
-               tma[1] if tma else None, a.stride(1) == 1, b is None or b.stride(0) == 1)  # fmt: skip
-        config = _choose(key, lambda: _matmul_candidates(rows, size, tma is not None),
+        key = ("matmul", a.get_device(), a.dtype, _row_bucket(rows), cols, inner, rank, layout,
+               a_strides[1] == 1, b_strides[0] == 1)  # fmt: skip
+        config = _choose(key, lambda: _matmul_candidates(rows, out.element_size(), layout is not None),
                          lambda c: extended_matmul(a, b, t, tb, S, scale, bias, out, c))  # fmt: skip
     scale_hi, scale_lo = _float32_pair(scale)
     meta = config.kwargs
-    tail = _tail_width(rank, meta["BLOCK_K"], size)
+    tail = _tail_width(rank, meta["BLOCK_K"], out.element_size())
+    t_strides, tb_strides = t.stride(), tb.stride()
     if config.tma:
-        b_view, b_rows_n = tma
         block_m, block_n, block_k = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
-        tiles = triton.cdiv(rows, block_m) * triton.cdiv(cols, block_n)
+        tiles = _cdiv(rows, block_m) * _cdiv(cols, block_n)
         programs = min(tiles, _multiprocessor_count(a.device)) if config.persistent else tiles
-        if meta["TMA_STORE"]:
-            c = TensorDescriptor.from_tensor(out, [block_m, block_n // 2 if meta["SUBTILE"] else block_n])
+        if layout == "[N, K]":
+            b_desc = TensorDescriptor(b, [cols, inner], [b_strides[1], 1], [block_n, block_k])
         else:
-            c = out
+            b_desc = TensorDescriptor(b, [inner, cols], list(b_strides), [block_k, block_n])
+        c = out
+        if meta["TMA_STORE"]:
+            c = TensorDescriptor(out, [rows, cols], list(out_strides), [block_m, block_n // 2 if meta["SUBTILE"] else block_n])
         _extended_matmul_tma_kernel[(programs,)](
-            TensorDescriptor.from_tensor(a, [block_m, block_k]),
-            TensorDescriptor.from_tensor(b_view, [block_n, block_k] if b_rows_n else [block_k, block_n]),
+            TensorDescriptor(a, [rows, inner], list(a_strides), [block_m, block_k]), b_desc,
             c, t, tb, S, bias,
-            rows, cols, a.shape[1], rank, scale_hi, scale_lo, programs, out.stride(0),
-            t.stride(0), t.stride(1), tb.stride(0), tb.stride(1),
-            HAS_S=S is not None, HAS_BIAS=bias is not None, B_ROWS_N=b_rows_n, TAIL_K=tail,
-            num_warps=config.warps, num_stages=config.stages, **meta,
+            rows, cols, inner, rank, scale_hi, scale_lo, programs, out_strides[0],
+            *t_strides, *tb_strides,
+            HAS_S=S is not None, HAS_BIAS=bias is not None, B_ROWS_N=layout == "[N, K]", TAIL_K=tail, **meta,
         )  # fmt: skip
         return out
-    inner = a.shape[1] if b is not None else 0
-    grid = (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
+    grid = (_cdiv(rows, meta["BLOCK_M"]) * _cdiv(cols, meta["BLOCK_N"]),)
     _extended_matmul_kernel[grid](
         a, b if b is not None else a, t, tb, S, bias, out,
         rows, cols, inner, rank, scale_hi, scale_lo,
-        a.stride(0), a.stride(1), *(b.stride() if b is not None else (0, 0)),
-        t.stride(0), t.stride(1), tb.stride(0), tb.stride(1),
-        out.stride(0), out.stride(1),
+        *a_strides, *b_strides, *t_strides, *tb_strides, *out_strides,
         HAS_BASE=b is not None, HAS_S=S is not None, HAS_BIAS=bias is not None,
-        PRECISION=_dot_precision(a.dtype), EVEN_K=inner % meta["BLOCK_K"] == 0, TAIL_K=tail,
-        num_warps=config.warps, num_stages=config.stages, **meta,
+        PRECISION=_dot_precision(a.dtype), EVEN_K=inner % meta["BLOCK_K"] == 0, TAIL_K=tail, **meta,
     )  # fmt: skip
     return out
 
 
 def matmul_candidates(a, b, out) -> list[Config]:
     """The configurations :func:`extended_matmul` chooses among for these operands."""
-    return _matmul_candidates(out.shape[0], out.element_size(), _tma_operands(a, b, out) is not None)
+    layout = _tma_layout(a, a.stride(), b, b.stride() if b is not None else (0, 0), out, out.stride())
+    return _matmul_candidates(out.shape[0], out.element_size(), layout is not None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,24 +509,24 @@ def _rank_down_kernel(
     stride_am, stride_ak, stride_bk, stride_br, stride_om, stride_or,
     SPLIT,  # runtime: one compiled kernel serves every split (1 is specialized, with plain stores)
     RANK_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    TILE: tl.constexpr, STEP: tl.constexpr,
 ):  # fmt: skip
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Program pid_k of SPLIT reduces one contiguous range of whole K blocks.
-    k_span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
+    k_span = tl.cdiv(tl.cdiv(K, STEP), SPLIT) * STEP
     k_start = pid_k * k_span
     k_end = min(K, k_start + k_span)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * TILE + tl.arange(0, TILE)
     rows = (offs_m % M).to(tl.int64)
     ranks = tl.arange(0, RANK_PAD)
-    offs_k = k_start + tl.arange(0, BLOCK_K)
+    offs_k = k_start + tl.arange(0, STEP)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + ranks[None, :] * stride_br
-    acc = tl.zeros((BLOCK_M, RANK_PAD), dtype=out_ptr.dtype.element_ty)
-    for k in range(k_start, k_end, BLOCK_K):
+    acc = tl.zeros((TILE, RANK_PAD), dtype=out_ptr.dtype.element_ty)
+    for k in range(k_start, k_end, STEP):
         in_k = offs_k < k_end - (k - k_start)
         a = tl.load(a_ptrs, mask=in_k[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=in_k[:, None] & (ranks < RANK)[None, :], other=0.0)
@@ -523,8 +536,8 @@ def _rank_down_kernel(
             # b wider than a (float32 adapters under 16-bit x): its rounding residue too, or an
             # element of z or g that cancels (z = Σ x·Vt near 0) keeps only the residue's error.
             acc = _multiply_accumulate(acc, a, (b - b_high.to(b.dtype)).to(DTYPE), PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        a_ptrs += STEP * stride_ak
+        b_ptrs += STEP * stride_bk
 
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + ranks[None, :] * stride_or
     mask = (offs_m < M)[:, None] & (ranks < RANK)[None, :]
@@ -572,7 +585,7 @@ def _skinny_candidates(kernel, extent, length, rank_pad, size, skinny_size, devi
         return [Config.of(w, s, split, TILE=t, STEP=k) for t, k, w, s in _INTERPRETER_SKINNY_BLOCKS]
     name = {2: "16-bit", 4: "float32", 8: "float64"}[size]
     configs = []
-    extent_pad = max(16, triton.next_power_of_2(extent))
+    extent_pad = max(16, _next_power_of_2(extent))
     for tile, step, warps, stages in _SKINNY_BLOCKS[kernel][name]:
         if tile > extent_pad or (size == 2 and tile < min(64, extent_pad)):  # small 16-bit tiles: small extents
             continue
@@ -580,7 +593,7 @@ def _skinny_candidates(kernel, extent, length, rank_pad, size, skinny_size, devi
             continue
         if stages * (tile * step * size + step * rank_pad * skinny_size) > _SHARED_BYTES:
             continue
-        splits = [1] if name == "float64" else _split_choices(triton.cdiv(extent, tile), triton.cdiv(length, step), device)
+        splits = [1] if name == "float64" else _split_choices(_cdiv(extent, tile), _cdiv(length, step), device)
         configs += [Config.of(warps, stages, split, TILE=tile, STEP=step) for split in reversed(splits)]
     assert configs, f"no {name} configuration for extent {extent} and rank {rank_pad}"
     # Untuned (SORSA_KERNELS_AUTOTUNE=0) the first wins: one that fills the GPU.
@@ -591,21 +604,18 @@ def rank_down(a, b, out, config: Config | None = None):
     """``out = a·b``: a ``[M, K]`` (any float dtype), b ``[K, r]`` (any float dtype; wider than a's,
     it enters as a's rounding plus the residue), out ``[M, r]`` in a's accumulation dtype; any strides.
     ``config`` overrides the tuned choice (see :func:`rank_down_candidates`)."""
-    if config is None:
-        key = ("down", a.device, a.dtype, b.dtype, _row_bucket(a.shape[0]), a.shape[1], b.shape[1],
-               a.stride(1) == 1, b.stride(0) == 1)  # fmt: skip
-        config = _choose(key, lambda: rank_down_candidates(a, b), lambda c: rank_down(a, b, out, c))
     rows, inner = a.shape
     rank = b.shape[1]
+    a_strides, b_strides = a.stride(), b.stride()
+    if config is None:
+        key = ("down", a.get_device(), a.dtype, b.dtype, _row_bucket(rows), inner, rank, a_strides[1] == 1, b_strides[0] == 1)
+        config = _choose(key, lambda: rank_down_candidates(a, b), lambda c: rank_down(a, b, out, c))
     meta = config.kwargs
     if config.split > 1:
         out.zero_()
-    _rank_down_kernel[(triton.cdiv(rows, meta["TILE"]), config.split)](
-        a, b, out,
-        rows, inner, rank,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), config.split,
-        RANK_PAD=_rank_pad(rank), PRECISION=_dot_precision(a.dtype), BLOCK_M=meta["TILE"], BLOCK_K=meta["STEP"],
-        num_warps=config.warps, num_stages=config.stages,
+    _rank_down_kernel[(_cdiv(rows, meta["TILE"]), config.split)](
+        a, b, out, rows, inner, rank, *a_strides, *b_strides, *out.stride(), config.split,
+        RANK_PAD=_rank_pad(rank), PRECISION=_dot_precision(a.dtype), **meta,
     )  # fmt: skip
     return out
 
@@ -627,25 +637,25 @@ def _row_reduction_kernel(
     stride_am, stride_ap, stride_tm, stride_tr, stride_wp, stride_wr, stride_op, stride_or,
     SPLIT,  # runtime: one compiled kernel serves every split (1 is specialized, with plain stores)
     RANK_PAD: tl.constexpr, HAS_S: tl.constexpr, HAS_REDUCTION: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+    TILE: tl.constexpr, STEP: tl.constexpr,
 ):  # fmt: skip
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     ACC: tl.constexpr = out_ptr.dtype.element_ty
     pid_p = tl.program_id(0)
     pid_m = tl.program_id(1)
     # Program pid_m of SPLIT reduces one contiguous range of whole row blocks.
-    m_span = tl.cdiv(tl.cdiv(M, BLOCK_M), SPLIT) * BLOCK_M
+    m_span = tl.cdiv(tl.cdiv(M, STEP), SPLIT) * STEP
     m_start = pid_m * m_span
     m_end = min(M, m_start + m_span)
 
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = pid_p * TILE + tl.arange(0, TILE)
     cols = (offs_p % P).to(tl.int64)
     ranks = tl.arange(0, RANK_PAD)
     in_rank = ranks < RANK
     scale = _scale(scale_hi, scale_lo, ACC)
-    acc = tl.zeros((BLOCK_P, RANK_PAD), dtype=ACC)
-    for m in range(m_start, m_end, BLOCK_M):
-        offs_m = m + tl.arange(0, BLOCK_M)
+    acc = tl.zeros((TILE, RANK_PAD), dtype=ACC)
+    for m in range(m_start, m_end, STEP):
+        offs_m = m + tl.arange(0, STEP)
         in_rows = offs_m < m_end
         rows = offs_m.to(tl.int64)
         a_t = tl.load(a_ptr + cols[:, None] * stride_ap + rows[None, :] * stride_am, mask=in_rows[None, :], other=0.0)
@@ -676,24 +686,22 @@ def row_reduction(a, t, S, scale, out, w=None, red=None, config: Config | None =
     w ``[P, r]``; any strides. ``config`` overrides the tuned choice (see
     :func:`row_reduction_candidates`).
     """
-    if config is None:
-        key = ("reduction", a.device, a.dtype, _row_bucket(a.shape[0]), a.shape[1], t.shape[1], a.stride(1) == 1, w is None)
-        config = _choose(key, lambda: row_reduction_candidates(a, t, w is not None),
-                         lambda c: row_reduction(a, t, S, scale, out, w, red, c), None if red is None else red.zero_)  # fmt: skip
     rows, columns = a.shape
     rank = t.shape[1]
+    a_strides = a.stride()
+    if config is None:
+        key = ("reduction", a.get_device(), a.dtype, _row_bucket(rows), columns, rank, a_strides[1] == 1, w is None)
+        config = _choose(key, lambda: row_reduction_candidates(a, t, w is not None),
+                         lambda c: row_reduction(a, t, S, scale, out, w, red, c), None if red is None else red.zero_)  # fmt: skip
     meta = config.kwargs
     scale_hi, scale_lo = _float32_pair(scale)
     if config.split > 1:
         out.zero_()
-    _row_reduction_kernel[(triton.cdiv(columns, meta["TILE"]), config.split)](
-        a, t, S, w, out, red,
-        rows, columns, rank, scale_hi, scale_lo,
-        a.stride(0), a.stride(1), t.stride(0), t.stride(1),
-        *(w.stride() if w is not None else (0, 0)), out.stride(0), out.stride(1), config.split,
+    _row_reduction_kernel[(_cdiv(columns, meta["TILE"]), config.split)](
+        a, t, S, w, out, red, rows, columns, rank, scale_hi, scale_lo,
+        *a_strides, *t.stride(), *(w.stride() if w is not None else (0, 0)), *out.stride(), config.split,
         RANK_PAD=_rank_pad(rank), HAS_S=S is not None, HAS_REDUCTION=w is not None,
-        PRECISION=_dot_precision(a.dtype), BLOCK_P=meta["TILE"], BLOCK_M=meta["STEP"],
-        num_warps=config.warps, num_stages=config.stages,
+        PRECISION=_dot_precision(a.dtype), **meta,
     )  # fmt: skip
     return out
 
