@@ -114,13 +114,14 @@ def _grouped_tile(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _rank_tail(acc, t_ptr, tb_ptr, s_ptr, rows, cols, RANK, scale,
                stride_tm, stride_tr, stride_tbr, stride_tbn,
-               HAS_S: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr, TAIL_K: tl.constexpr):  # fmt: skip
+               HAS_S: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr, TAIL_K: tl.constexpr,
+               TAIL_STAGES: tl.constexpr):  # fmt: skip
     """``acc + ((t[rows] ⊙ S·scale) → DTYPE) · (tb[:, cols] → DTYPE)``: the rank-r end of the K loop
-    (rows and cols already wrapped into range)."""
+    (rows and cols already wrapped into range) in steps of TAIL_K ranks, pipelined TAIL_STAGES deep."""
     ranks = tl.arange(0, TAIL_K)
     t_ptrs = t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr
     tb_ptrs = tb_ptr + ranks[:, None] * stride_tbr + cols[None, :] * stride_tbn
-    for r0 in range(0, RANK, TAIL_K):
+    for r0 in tl.range(0, RANK, TAIL_K, num_stages=TAIL_STAGES):
         in_rank = ranks < RANK - r0
         t = tl.load(t_ptrs, mask=in_rank[None, :], other=0.0)
         t = _scaled_ranks(t, s_ptr, r0 + ranks, RANK, scale, HAS_S, DTYPE)
@@ -268,7 +269,7 @@ def _extended_matmul_kernel(
     stride_tm, stride_tr, stride_tbr, stride_tbn,
     stride_cm, stride_cn,
     HAS_BASE: tl.constexpr, HAS_S: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr, EVEN_K: tl.constexpr, TAIL_K: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN_K: tl.constexpr, TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     DTYPE: tl.constexpr = c_ptr.dtype.element_ty
@@ -299,7 +300,7 @@ def _extended_matmul_kernel(
 
     scale = _scale(scale_hi, scale_lo, ACC)
     acc = _rank_tail(acc, t_ptr, tb_ptr, s_ptr, rows, cols, RANK, scale,
-                     stride_tm, stride_tr, stride_tbr, stride_tbn, HAS_S, DTYPE, PRECISION, TAIL_K)  # fmt: skip
+                     stride_tm, stride_tr, stride_tbr, stride_tbn, HAS_S, DTYPE, PRECISION, TAIL_K, TAIL_STAGES)  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(ACC)[None, :]
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
@@ -311,7 +312,8 @@ def _extended_matmul_tma_kernel(
     a_desc, b_desc, c, t_ptr, tb_ptr, s_ptr, bias_ptr,
     M, N, K, RANK, scale_hi, scale_lo, PROGRAMS, stride_cm,
     stride_tm, stride_tr, stride_tbr, stride_tbn,
-    HAS_S: tl.constexpr, HAS_BIAS: tl.constexpr, B_ROWS_N: tl.constexpr, TAIL_K: tl.constexpr,
+    HAS_S: tl.constexpr, HAS_BIAS: tl.constexpr, B_ROWS_N: tl.constexpr,
+    TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TMA_STORE: tl.constexpr, SUBTILE: tl.constexpr,
 ):  # fmt: skip
@@ -336,7 +338,7 @@ def _extended_matmul_tma_kernel(
         # pipeline has yet to fill.
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = _rank_tail(acc, t_ptr, tb_ptr, s_ptr, rows, cols, RANK, scale,
-                         stride_tm, stride_tr, stride_tbr, stride_tbn, HAS_S, DTYPE, "ieee", TAIL_K)  # fmt: skip
+                         stride_tm, stride_tr, stride_tbr, stride_tbn, HAS_S, DTYPE, "ieee", TAIL_K, TAIL_STAGES)  # fmt: skip
         for k in range(k_steps):
             a = a_desc.load([off_m, k * BLOCK_K])
             if B_ROWS_N:
@@ -368,29 +370,35 @@ _POINTER_BLOCKS = {
     "float64": [(32, 32, 8, 4, 1)],
 }
 
-# TMA kernel: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, GROUP_M, persistent, epilogue) with epilogue
-# "tma", "subtile" (TMA stores of two halves: half the shared memory) or "pointer" (masked stores;
-# with 128x128 tiles two programs fit one SM). A persistent grid walks the tiles in one program
-# per SM. (Triton 3.6 neither flattens the tile and K loops nor warp-specializes them on Hopper
-# once the rank tail adds a second inner loop: the one fails to compile, the other allocates twice
-# the shared memory there is.)
+# TMA kernel: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, GROUP_M, persistent, epilogue, TAIL_K,
+# TAIL_STAGES) with epilogue "tma", "subtile" (TMA stores of two halves: half the shared memory)
+# or "pointer" (masked stores; with 128x128 tiles two programs fit one SM); a persistent grid
+# walks the tiles in one program per SM; the rank tail takes TAIL_K ranks a step, its loads
+# pipelined TAIL_STAGES deep. (Triton 3.6 neither flattens the tile and K loops nor
+# warp-specializes them on Hopper once the rank tail adds a second inner loop: the one fails to
+# compile, the other allocates twice the shared memory there is.)
 TMA_BLOCKS = [
-    (128, 256, 64, 8, 3, 8, False, "subtile"),
-    (128, 256, 64, 8, 3, 16, False, "subtile"),
-    (128, 256, 64, 8, 3, 8, True, "subtile"),
-    (256, 128, 64, 8, 3, 8, True, "subtile"),
-    (128, 128, 64, 8, 4, 8, True, "tma"),
-    (128, 128, 64, 8, 3, 8, False, "pointer"),
-    (128, 128, 64, 4, 3, 8, False, "pointer"),
+    (128, 256, 64, 8, 3, 8, False, "subtile", 32, 2),
+    (128, 256, 64, 8, 3, 8, False, "subtile", 64, 1),
+    (128, 256, 64, 8, 3, 16, False, "subtile", 32, 2),
+    (128, 256, 64, 8, 3, 8, True, "subtile", 32, 2),
+    (256, 128, 64, 8, 3, 8, True, "subtile", 32, 2),
+    (128, 128, 64, 8, 4, 8, True, "tma", 64, 2),
+    (128, 128, 64, 8, 3, 8, False, "pointer", 64, 1),
+    (128, 128, 64, 4, 3, 8, False, "pointer", 32, 1),
 ]
 # Under the interpreter: small tiles, every grid and epilogue.
-_INTERPRETER_TMA_BLOCKS = [(32, 32, 32, 4, 2, 2, True, "subtile"), (16, 32, 16, 4, 2, 2, False, "tma"), (16, 16, 16, 4, 2, 2, True, "pointer")]
+_INTERPRETER_TMA_BLOCKS = [
+    (32, 32, 32, 4, 2, 2, True, "subtile", 16, 2), (16, 32, 16, 4, 2, 2, False, "tma", 16, 1),
+    (16, 16, 16, 4, 2, 2, True, "pointer", 16, 1),
+]
 
 
-def _tma_config(block_m, block_n, block_k, warps, stages, group_m, persistent, epilogue):
+def _tma_config(block_m, block_n, block_k, warps, stages, group_m, persistent, epilogue, tail_k, tail_stages):
     return Config.of(
         warps, stages, tma=True, persistent=persistent, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        GROUP_M=group_m, TMA_STORE=epilogue != "pointer", SUBTILE=epilogue == "subtile",
+        GROUP_M=group_m, TMA_STORE=epilogue != "pointer", SUBTILE=epilogue == "subtile", TAIL_K=tail_k,
+        TAIL_STAGES=tail_stages,
     )  # fmt: skip
 
 
@@ -434,8 +442,8 @@ def _tma_layout(a, a_strides, b, b_strides, out, out_strides):
 
 
 def _tail_width(rank: int, block_k: int, size: int) -> int:
-    """Rank columns per tail step: the tail's float32 tiles then take about as much shared
-    memory per step as the main loop's tiles of 16-bit operands."""
+    """Rank columns per tail step of the pointer kernel: the tail's float32 tiles then take about
+    as much shared memory per step as the main loop's tiles of 16-bit operands."""
     return min(_rank_pad(rank), block_k if size >= 4 else max(16, block_k // 2))
 
 
@@ -460,7 +468,6 @@ def extended_matmul(a, b, t, tb, S, scale, bias, out, config: Config | None = No
                          lambda c: extended_matmul(a, b, t, tb, S, scale, bias, out, c))  # fmt: skip
     scale_hi, scale_lo = _float32_pair(scale)
     meta = config.kwargs
-    tail = _tail_width(rank, meta["BLOCK_K"], out.element_size())
     t_strides, tb_strides = t.stride(), tb.stride()
     if config.tma:
         block_m, block_n, block_k = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
@@ -478,7 +485,8 @@ def extended_matmul(a, b, t, tb, S, scale, bias, out, config: Config | None = No
             c, t, tb, S, bias,
             rows, cols, inner, rank, scale_hi, scale_lo, programs, out_strides[0],
             *t_strides, *tb_strides,
-            HAS_S=S is not None, HAS_BIAS=bias is not None, B_ROWS_N=layout == "[N, K]", TAIL_K=tail, **meta,
+            HAS_S=S is not None, HAS_BIAS=bias is not None, B_ROWS_N=layout == "[N, K]",
+            **dict(meta, TAIL_K=min(_rank_pad(rank), meta["TAIL_K"])),
         )  # fmt: skip
         return out
     grid = (_cdiv(rows, meta["BLOCK_M"]) * _cdiv(cols, meta["BLOCK_N"]),)
@@ -487,7 +495,8 @@ def extended_matmul(a, b, t, tb, S, scale, bias, out, config: Config | None = No
         rows, cols, inner, rank, scale_hi, scale_lo,
         *a_strides, *b_strides, *t_strides, *tb_strides, *out_strides,
         HAS_BASE=b is not None, HAS_S=S is not None, HAS_BIAS=bias is not None,
-        PRECISION=_dot_precision(a.dtype), EVEN_K=inner % meta["BLOCK_K"] == 0, TAIL_K=tail, **meta,
+        PRECISION=_dot_precision(a.dtype), EVEN_K=inner % meta["BLOCK_K"] == 0,
+        TAIL_K=_tail_width(rank, meta["BLOCK_K"], out.element_size()), TAIL_STAGES=config.stages, **meta,
     )  # fmt: skip
     return out
 
