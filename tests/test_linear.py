@@ -300,6 +300,7 @@ def test_every_candidate_config(rows, in_features, out_features, rank, dtype):
 @pytest.mark.slow  # a few minutes on two cores with a cold Triton cache: hundreds of kernels
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_kernels_compile_for_hopper_without_spills():
+    pytest.importorskip("triton.knobs", reason="the offline compile follows triton >= 3.4's JIT")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
