@@ -11,7 +11,8 @@ Then for each case ``MxINxOUTxR`` (bf16 x and weight, float32 adapters) it runs 
 of a training step with each candidate configuration: checks the outputs against PyTorch (a
 config that computes wrong is flagged WRONG and never best), times it (``do_bench`` median), and
 sets it next to its yardstick: cuBLAS for the two extended GEMMs (``F.linear`` for y, ``dy @ W``
-for dx; the GEMMs are also timed without the rank tail, which isolates the tail's cost), and for
+for dx; the GEMMs also with round 1's pointer kernel, and without the rank tail, which isolates
+the tail's cost), and for
 the memory-bound passes the bytes they must move at 3 TB/s. Prints a table per launch and the
 best of each; writes all timings under bench/results/.
 """
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sorsa_kernels.benchmark.common import format_table, median_ms, write_results  # noqa: E402
 from sorsa_kernels.benchmark.linear_products import precompile, step_products  # noqa: E402
+from sorsa_kernels.triton import linear as kernels  # noqa: E402
 
 DEFAULT_CASES = ["4096x4096x4096x128", "4096x4096x4096x16", "4096x4096x11008x128", "4096x11008x4096x128",
                  "16384x4096x11008x128", "16384x4096x1024x64"]  # fmt: skip
@@ -62,10 +64,13 @@ def sweep_case(rows, in_features, out_features, rank, scale=0.5):
     bare = {p.name: p for p in step_products(x, weight, U, S, Vt, dy, scale, rank_zero=True)}
     for product in step_products(x, weight, U, S, Vt, dy, scale):
         references = product.reference()
-        variants = [(product, "")] + ([(bare[product.name], "no tail")] if product.name in bare else [])
-        for runner, tag in variants:
-            runner_refs = references if not tag else runner.reference()
-            for config in runner.candidates:
+        variants = [(product, "", product.candidates)]
+        if product.name in bare:  # the GEMMs: also round 1's pointer kernel, and both without the tail
+            pointer = kernels._matmul_candidates(rows, x.element_size(), tma=False)
+            variants += [(product, "pointer", pointer), (bare[product.name], "no tail", bare[product.name].candidates)]
+        for runner, tag, configs in variants:
+            runner_refs = references if runner is product else runner.reference()
+            for config in configs:
                 runner.launch(config)
                 error = max(rel_diff(o, r) for o, r in zip(runner.outputs, runner_refs))
                 ms = median_ms(lambda: runner.launch(config), warmup_ms=5, rep_ms=20)
@@ -92,8 +97,8 @@ def main():
     start = time.time()
     cases = [tuple(map(int, c.split("x"))) for c in args.cases]
     if not args.no_precompile:  # before CUDA starts in this process: it forks compilers
-        for shapes, bare in ((cases, True), (TUNE_CASES if args.precompile_tune else [], False)):
-            count, errors = precompile([(*s, torch.bfloat16, torch.float32) for s in shapes], rank_zero=bare)
+        for shapes, sweep in ((cases, True), (TUNE_CASES if args.precompile_tune else [], False)):
+            count, errors = precompile([(*s, torch.bfloat16, torch.float32) for s in shapes], sweep=sweep)
             print(f"[{time.time() - start:5.0f}s] precompiled {count} launches; {len(errors)} errors", flush=True)
             for error in errors:
                 print("  ", error[:500])

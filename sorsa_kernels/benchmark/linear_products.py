@@ -114,10 +114,11 @@ def gpu_target():
     return GPUTarget("cuda", int(major) * 10 + int(minor), 32)
 
 
-def precompile(cases, *, rank_zero=False, workers=None) -> tuple[int, list[str]]:
+def precompile(cases, *, sweep=False, workers=None) -> tuple[int, list[str]]:
     """Compile, in parallel processes, every candidate launch of the six products for each case
-    ``(M, in, out, r, x dtype, adapter dtype)`` for this machine's GPU, into Triton's cache;
-    with ``rank_zero`` also the bare GEMMs. Call it before this process initializes CUDA (it
+    ``(M, in, out, r, x dtype, adapter dtype)`` for this machine's GPU, into Triton's cache; with
+    ``sweep`` also what bench/sweep_linear.py times besides (the GEMMs without the rank tail, and
+    with the pointer kernel's configurations). Call it before this process initializes CUDA (it
     forks). Returns the number of launches and the errors met (none compile twice)."""
     try:
         from sorsa_kernels.benchmark.precompile import captured_launches, compile_all
@@ -136,9 +137,12 @@ def precompile(cases, *, rank_zero=False, workers=None) -> tuple[int, list[str]]
             U, S = torch.empty(out_features, rank, dtype=adapter_dtype, **meta), torch.empty(rank, dtype=adapter_dtype, **meta)
             Vt = torch.empty(rank, in_features, dtype=adapter_dtype, **meta)
             dy = torch.empty(rows, out_features, dtype=dtype, **meta)
-            for bare in (False, True) if rank_zero else (False,):
+            for bare in (False, True) if sweep else (False,):
                 for product in step_products(x, weight, U, S, Vt, dy, 0.5, rank_zero=bare):
-                    for config in compiled_variants(product):
+                    configs = compiled_variants(product)
+                    if sweep and product.name in ("y", "dx"):
+                        configs += kernels._matmul_candidates(rows, x.element_size(), tma=False)
+                    for config in configs:
                         product.launch(config)
     results = compile_all(launches, target, workers)
     return len(launches), sorted({r for r in results if isinstance(r, str)})

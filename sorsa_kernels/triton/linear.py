@@ -364,9 +364,14 @@ def _extended_matmul_tma_kernel(
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the pointer kernel by operand class.
 _POINTER_BLOCKS = {
     "many rows": [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4)],
+    # Rows not 16-byte aligned load without vectors (nor async copies): smaller tiles, or spills.
+    "many rows, unaligned": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3)],
     "many rows, float32": [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4)],
+    "many rows, float32, unaligned": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)],
     # Decode and other few-row shapes: the product is a read of b, spread over many column tiles.
     "few rows": [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4), (64, 64, 128, 4, 3)],
+    "few rows, unaligned": [(16, 64, 128, 4, 4), (16, 128, 64, 4, 3), (32, 64, 64, 4, 3)],
+    "few rows, float32": [(16, 64, 32, 4, 3), (16, 128, 32, 4, 3), (16, 32, 64, 4, 3)],
     "float64": [(32, 32, 8, 4, 1)],
 }
 
@@ -407,18 +412,32 @@ def _fits(stages: int, *tiles: tuple[int, int]) -> bool:
     return stages * sum(n * size for n, size in tiles) <= 180 * 1024
 
 
-def _matmul_candidates(rows: int, size: int, tma: bool) -> list[Config]:
+def _matmul_candidates(rows: int, size: int, tma: bool, aligned: bool = True) -> list[Config]:
     if _triton_interpreted():
-        blocks = _INTERPRETER_TMA_BLOCKS if tma else [(32, 32, 16, 4, 2, 2, False, False, False)]
-        return [_tma_config(*b) if tma else Config.of(b[3], b[4], BLOCK_M=b[0], BLOCK_N=b[1], BLOCK_K=b[2], GROUP_M=b[5]) for b in blocks]
+        if tma:
+            return [_tma_config(*b) for b in _INTERPRETER_TMA_BLOCKS]
+        return [Config.of(4, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)]
     if tma:
         return [_tma_config(*b) for b in TMA_BLOCKS]
-    name = "float64" if size == 8 else "few rows" if rows <= 64 else "many rows, float32" if size == 4 else "many rows"
+    if size == 8:
+        name = "float64"
+    elif size == 4 and rows <= 64:
+        name = "few rows, float32"
+    else:
+        name = ("few rows" if rows <= 64 else "many rows") + (", float32" if size == 4 else "")
+        name += "" if aligned else ", unaligned"
     return [
         Config.of(w, s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8)
         for m, n, k, w, s in _POINTER_BLOCKS[name]
         if m <= max(16, rows) and _fits(s, (m * k, size), (k * n, size))
     ]
+
+
+def _aligned(tensor: torch.Tensor, strides: tuple[int, ...]) -> bool:
+    """Whether loads along the tensor's contiguous dimension can be 16-byte vectors: base and
+    every other stride multiples of 16 bytes."""
+    size = tensor.element_size()
+    return tensor.data_ptr() % 16 == 0 and all(s == 1 or s * size % 16 == 0 for s in strides)
 
 
 def _tma_ready(tensor: torch.Tensor, strides: tuple[int, int]) -> bool:
@@ -462,9 +481,10 @@ def extended_matmul(a, b, t, tb, S, scale, bias, out, config: Config | None = No
     b_strides = b.stride() if b is not None else (0, 0)
     layout = _tma_layout(a, a_strides, b, b_strides, out, out_strides)
     if config is None:
-        key = ("matmul", a.get_device(), a.dtype, _row_bucket(rows), cols, inner, rank, layout,
+        aligned = layout is not None or (_aligned(a, a_strides) and (b is None or _aligned(b, b_strides)))
+        key = ("matmul", a.get_device(), a.dtype, _row_bucket(rows), cols, inner, rank, layout, aligned,
                a_strides[1] == 1, b_strides[0] == 1)  # fmt: skip
-        config = _choose(key, lambda: _matmul_candidates(rows, out.element_size(), layout is not None),
+        config = _choose(key, lambda: _matmul_candidates(rows, out.element_size(), layout is not None, aligned),
                          lambda c: extended_matmul(a, b, t, tb, S, scale, bias, out, c))  # fmt: skip
     scale_hi, scale_lo = _float32_pair(scale)
     meta = config.kwargs
@@ -503,8 +523,10 @@ def extended_matmul(a, b, t, tb, S, scale, bias, out, config: Config | None = No
 
 def matmul_candidates(a, b, out) -> list[Config]:
     """The configurations :func:`extended_matmul` chooses among for these operands."""
-    layout = _tma_layout(a, a.stride(), b, b.stride() if b is not None else (0, 0), out, out.stride())
-    return _matmul_candidates(out.shape[0], out.element_size(), layout is not None)
+    b_strides = b.stride() if b is not None else (0, 0)
+    layout = _tma_layout(a, a.stride(), b, b_strides, out, out.stride())
+    aligned = layout is not None or (_aligned(a, a.stride()) and (b is None or _aligned(b, b_strides)))
+    return _matmul_candidates(out.shape[0], out.element_size(), layout is not None, aligned)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -569,7 +591,12 @@ _SKINNY_BLOCKS = {
     "row_reduction": {"16-bit": _SKINNY_16BIT + [(64, 32, 8, 3)]},
 }
 for _blocks in _SKINNY_BLOCKS.values():
-    _blocks.update({"float32": [(32, 32, 8, 3), (16, 64, 4, 3), (16, 32, 4, 3)], "float64": [(16, 8, 4, 1)]})
+    _blocks.update({
+        # Rows not 16-byte aligned load without vectors (nor async copies): smaller steps, or spills.
+        "16-bit, unaligned": [(128, 64, 8, 3), (128, 32, 8, 4), (64, 32, 8, 3), (32, 32, 4, 3), (16, 32, 4, 3)],
+        "float32": [(32, 32, 8, 3), (16, 64, 4, 3), (16, 32, 4, 3)],
+        "float64": [(16, 8, 4, 1)],
+    })  # fmt: skip
 _INTERPRETER_SKINNY_BLOCKS = [(32, 32, 4, 1)]
 
 
@@ -586,13 +613,14 @@ def _registers_fit(tile: int, step: int, rank_pad: int, warps: int, size: int, e
     return accumulator + operand <= 48
 
 
-def _skinny_candidates(kernel, extent, length, rank_pad, size, skinny_size, device, epilogue_operand=False) -> list[Config]:
+def _skinny_candidates(kernel, extent, length, rank_pad, size, skinny_size, device, aligned=True,
+                       epilogue_operand=False) -> list[Config]:  # fmt: skip
     """Configs of a skinny kernel whose ``[tile, rank_pad]`` accumulator covers ``extent`` in
     tiles and loops over ``length`` in steps (split across programs where the tiles are few)."""
     if _triton_interpreted():
         split = 1 if torch.are_deterministic_algorithms_enabled() else 2  # covers the atomics
         return [Config.of(w, s, split, TILE=t, STEP=k) for t, k, w, s in _INTERPRETER_SKINNY_BLOCKS]
-    name = {2: "16-bit", 4: "float32", 8: "float64"}[size]
+    name = {2: "16-bit" if aligned else "16-bit, unaligned", 4: "float32", 8: "float64"}[size]
     configs = []
     extent_pad = max(16, _next_power_of_2(extent))
     for tile, step, warps, stages in _SKINNY_BLOCKS[kernel][name]:
@@ -602,7 +630,7 @@ def _skinny_candidates(kernel, extent, length, rank_pad, size, skinny_size, devi
             continue
         if stages * (tile * step * size + step * rank_pad * skinny_size) > _SHARED_BYTES:
             continue
-        splits = [1] if name == "float64" else _split_choices(_cdiv(extent, tile), _cdiv(length, step), device)
+        splits = [1] if size == 8 else _split_choices(_cdiv(extent, tile), _cdiv(length, step), device)
         configs += [Config.of(warps, stages, split, TILE=tile, STEP=step) for split in reversed(splits)]
     assert configs, f"no {name} configuration for extent {extent} and rank {rank_pad}"
     # Untuned (SORSA_KERNELS_AUTOTUNE=0) the first wins: one that fills the GPU.
@@ -617,7 +645,8 @@ def rank_down(a, b, out, config: Config | None = None):
     rank = b.shape[1]
     a_strides, b_strides = a.stride(), b.stride()
     if config is None:
-        key = ("down", a.get_device(), a.dtype, b.dtype, _row_bucket(rows), inner, rank, a_strides[1] == 1, b_strides[0] == 1)
+        key = ("down", a.get_device(), a.dtype, b.dtype, _row_bucket(rows), inner, rank, _aligned(a, a_strides),
+               a_strides[1] == 1, b_strides[0] == 1)  # fmt: skip
         config = _choose(key, lambda: rank_down_candidates(a, b), lambda c: rank_down(a, b, out, c))
     meta = config.kwargs
     if config.split > 1:
@@ -632,7 +661,9 @@ def rank_down(a, b, out, config: Config | None = None):
 def rank_down_candidates(a, b) -> list[Config]:
     """The configurations :func:`rank_down` chooses among for these operands."""
     rows, inner = a.shape
-    return _skinny_candidates("rank_down", rows, inner, _rank_pad(b.shape[1]), a.element_size(), b.element_size(), a.device)
+    return _skinny_candidates(
+        "rank_down", rows, inner, _rank_pad(b.shape[1]), a.element_size(), b.element_size(), a.device, _aligned(a, a.stride())
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -699,7 +730,8 @@ def row_reduction(a, t, S, scale, out, w=None, red=None, config: Config | None =
     rank = t.shape[1]
     a_strides = a.stride()
     if config is None:
-        key = ("reduction", a.get_device(), a.dtype, _row_bucket(rows), columns, rank, a_strides[1] == 1, w is None)
+        key = ("reduction", a.get_device(), a.dtype, _row_bucket(rows), columns, rank, _aligned(a, a_strides),
+               a_strides[1] == 1, w is None)  # fmt: skip
         config = _choose(key, lambda: row_reduction_candidates(a, t, w is not None),
                          lambda c: row_reduction(a, t, S, scale, out, w, red, c), None if red is None else red.zero_)  # fmt: skip
     meta = config.kwargs
@@ -720,8 +752,9 @@ def row_reduction_candidates(a, t, reduction: bool = False) -> list[Config]:
     with ``w`` and ``red``)."""
     rows, columns = a.shape
     return _skinny_candidates(
-        "row_reduction", columns, rows, _rank_pad(t.shape[1]), a.element_size(), t.element_size(), a.device, reduction
-    )
+        "row_reduction", columns, rows, _rank_pad(t.shape[1]), a.element_size(), t.element_size(), a.device,
+        _aligned(a, a.stride()), reduction,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
