@@ -39,10 +39,14 @@ residue, see above); float32 inputs use full-precision dots unless
 ``torch.backends.cuda.matmul.allow_tf32`` is set. ``z`` and ``g`` stay in the accumulation dtype.
 
 Launch configurations: each launch function keys its shape (rows bucketed) and, on the first
-launch of a key, times the candidate configurations once (``SORSA_KERNELS_AUTOTUNE=0`` takes the
-first candidate instead) and launches the JIT kernel directly with the chosen one from then on.
-A configuration that splits a reduction accumulates with float atomics, so its last bits may vary
-from run to run; under ``torch.use_deterministic_algorithms(True)`` no reduction is split.
+launch of a key, times the candidate configurations once on the real outputs
+(``SORSA_KERNELS_AUTOTUNE=0`` takes the first candidate instead), then launches the JIT kernel
+directly with the chosen one: no autotuner runs per call, and host arithmetic stays plain Python.
+The candidate lists are pruned to what compiles on an H100 without register spills (checked
+offline for every configuration by tests/linear_hopper_compile.py); bench/sweep_linear.py times
+each of them. A configuration that splits a reduction accumulates with float atomics, so its last
+bits may vary from run to run; under ``torch.use_deterministic_algorithms(True)`` no reduction is
+split (dS, a sum over column tiles, still adds with atomics).
 """
 
 from __future__ import annotations
@@ -176,14 +180,15 @@ def _choose(key: tuple, candidates, launch, reset=None) -> Config:
     """The configuration cached for ``key``; on a miss the fastest of ``candidates()``, timed
     with ``launch(config)`` (a complete launch on the real outputs; ``reset()`` then undoes what
     the timing runs accumulated)."""
+    key += (torch.are_deterministic_algorithms_enabled(),)  # which candidates may split
     config = _chosen.get(key)
     if config is not None:
         return config
     configs = candidates()
     if len(configs) == 1 or _triton_interpreted() or os.environ.get(AUTOTUNE_ENV, "1") == "0":
         config = configs[0]
-    elif torch.cuda.is_current_stream_capturing():  # no timing inside a CUDA graph capture
-        return configs[0]
+    elif torch.cuda.is_current_stream_capturing():
+        return configs[0]  # nothing can be timed inside a CUDA graph capture: chosen on a later call
     else:
         config = min(configs, key=lambda c: _time_ms(launch, c))
         if reset is not None:
@@ -247,7 +252,7 @@ _SHARED_BYTES = 220 * 1024
 
 def _split_choices(tiles: int, steps: int, device) -> list[int]:
     """Splits of a reduction of ``steps`` blocks over ``tiles`` output tiles: 1, the smallest power
-    of two that fills the GPU, and half that (each split keeps at least two blocks)."""
+    of two that fills the GPU, and half that (each split keeps at least four blocks)."""
     if torch.are_deterministic_algorithms_enabled():
         return [1]
     split = 1
