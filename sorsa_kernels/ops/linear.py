@@ -3,7 +3,7 @@
 The op is an autograd Function over the backend interface. Under ``torch.compile`` its
 forward and backward call two ``torch.library`` custom ops (each dispatching to the resolved
 backend), so that ``fullgraph=True`` sees two opaque nodes and no graph break; in eager mode they
-call the backend directly (see :func:`_forward`).
+call the backend directly (see :func:`_through_custom_op`).
 """
 
 from typing import Optional
@@ -64,17 +64,22 @@ def _linear_backward_fake(dy, x, z, weight, U, S, Vt, scale, needs, backend):
     )
 
 
+def _through_custom_op(x) -> bool:
+    # Eager calls skip the custom ops: their dispatcher round trip (schema checks, output aliasing
+    # checks, Python re-entry) costs more host time than the kernels of a small layer take on the
+    # GPU. A traced graph (torch.compile, export) must contain the opaque ops instead, and so must
+    # tensor subclasses (fake or functional tensors of a tracer), whose data no kernel can read.
+    return torch.compiler.is_compiling() or type(x) is not torch.Tensor
+
+
 def _forward(x, weight, U, S, Vt, bias, scale, backend):
-    # Eager calls skip the custom op: its dispatcher round trip (schema checks, output aliasing
-    # checks, Python re-entry) costs more host time than the kernels of a small layer take on
-    # the GPU. A traced graph (torch.compile, export) must contain the opaque custom op instead.
-    if torch.compiler.is_compiling():
+    if _through_custom_op(x):
         return torch.ops.sorsa_kernels.linear_forward(x, weight, U, S, Vt, bias, scale, backend)
     return implementation("sorsa_linear", backend).forward(x, weight, U, S, Vt, bias, scale)
 
 
 def _backward(dy, x, z, weight, U, S, Vt, scale, needs, backend):
-    if torch.compiler.is_compiling():  # as in _forward
+    if _through_custom_op(dy):
         grads = torch.ops.sorsa_kernels.linear_backward(dy, x, z, weight, U, S, Vt, scale, needs, backend)
         return [g if need else None for g, need in zip(grads, needs)]
     return implementation("sorsa_linear", backend).backward(dy, x, z, weight, U, S, Vt, scale, tuple(needs))
