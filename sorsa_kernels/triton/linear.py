@@ -339,8 +339,8 @@ def _extended_matmul_tma_kernel(
         offs_n = off_n + tl.arange(0, BLOCK_N)
         rows = (offs_m % M).to(tl.int64)
         cols = (offs_n % N).to(tl.int64)
-        # The rank tail first: its few steps start the accumulator while the main loop's TMA
-        # pipeline has yet to fill.
+        # The rank tail (a few K steps whose float32 operands are rounded in registers, so they
+        # load by pointer) starts the accumulator; the main loop then runs on TMA tiles alone.
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = _rank_tail(acc, t_ptr, tb_ptr, s_ptr, rows, cols, RANK, scale,
                          stride_tm, stride_tr, stride_tbr, stride_tbn, HAS_S, DTYPE, "ieee", TAIL_K, TAIL_STAGES)  # fmt: skip
