@@ -1,23 +1,32 @@
 """sorsa_linear on every backend against a float64 autograd oracle, forward and every gradient."""
 
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from sorsa_kernels import BackendUnavailableError, sorsa_linear
+from sorsa_kernels.backends import why_unavailable
 from support import (
     DEVICE,
     TOLERANCE,
     as_float64,
     assert_close,
     backend_params,
+    gpu,
     interpretable_dtypes,
     poisoned_allocations,
 )
 
 BACKENDS = backend_params("sorsa_linear")
 
-# (x shape, out_features, rank): M of 1, 3 and 130 rows, a 3-D batch; in/out not multiples of 16.
-SHAPES = [((1, 19), 23, 1), ((3, 37), 29, 7), ((130, 45), 53, 16), ((2, 33, 21), 40, 5)]
+# (x shape, out_features, rank): M of 1, 3 and 130 rows, a 3-D batch; in/out not multiples of 16;
+# and 16-byte aligned rows, which 16-bit operands multiply in the Triton backend's TMA kernel.
+SHAPES = [((1, 19), 23, 1), ((3, 37), 29, 7), ((130, 45), 53, 16), ((2, 33, 21), 40, 5), ((96, 64), 40, 8)]
 
 
 def oracle(x, weight, U, S, Vt, bias, scale):
@@ -222,3 +231,82 @@ def test_unavailable_backend_says_why():
         sorsa_linear(x.cpu(), weight.cpu(), U.cpu(), S.cpu(), Vt.cpu(), backend="cuda")
     with pytest.raises(ValueError, match="unknown backend"):
         sorsa_linear(x, weight, U, S, Vt, backend="cudnn")
+
+
+def test_torch_compile_sees_the_custom_ops():
+    # Eager calls reach the backend directly; a traced graph must hold the opaque custom ops.
+    from torch._dynamo.backends.common import aot_autograd
+    from functorch.compile import make_boxed_func
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return make_boxed_func(gm.forward)
+
+    x, weight, U, S, Vt, bias = make_inputs((6, 24), 20, 4, torch.float32, torch.float32)
+    model = torch.compile(lambda x: sorsa_linear(x, weight, U, S, Vt, bias, 0.5, backend="torch").sum(),
+                          fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))  # fmt: skip
+    model(x).backward()
+    forward_graph, backward_graph = graphs
+    assert "sorsa_kernels.linear_forward" in forward_graph and "sorsa_kernels.linear_backward" in backward_graph
+
+
+TRITON_REASON = why_unavailable("triton", DEVICE)
+
+
+def kernel_inputs(rows, in_features, out_features, rank, dtype, adapter_dtype):
+    x, weight, U, S, Vt, _ = make_inputs((rows, in_features), out_features, rank, dtype, adapter_dtype)
+    dy = torch.randn(rows, out_features, device=DEVICE).to(dtype)
+    return x.detach(), weight, U.detach(), S.detach(), Vt.detach(), dy
+
+
+@pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton backend: {TRITON_REASON}")
+@pytest.mark.parametrize(
+    "rows,in_features,out_features,rank,dtype",
+    [
+        # GPU: bench-like bf16 under float32 adapters; rows and out one 16-row step past whole
+        # tiles (edge tiles, partial K blocks, the same compiled kernels as the 4096 shapes).
+        pytest.param(4112, 4096, 4112, 128, torch.bfloat16, marks=gpu, id="gpu-bf16"),
+        pytest.param(1000, 4095, 1027, 128, torch.float32, marks=gpu, id="gpu-fp32"),
+        # Interpreter: 16-bit operands with 16-byte aligned rows take the TMA kernel, others not.
+        pytest.param(96, 48, 40, 7, torch.float16, id="fp16-tma"),
+        pytest.param(70, 45, 37, 5, torch.float32, id="fp32-pointer"),
+    ],
+)
+def test_every_candidate_config(rows, in_features, out_features, rank, dtype):
+    """Each configuration the tuner may choose computes each product right (against PyTorch in
+    float32 on the same inputs; z and g to float32 accuracy)."""
+    from sorsa_kernels.benchmark.linear_products import step_products
+
+    if DEVICE.type == "cpu" and rows > 100:
+        pytest.skip("GPU sizes")
+    inputs = kernel_inputs(rows, in_features, out_features, rank, dtype, torch.float32)
+    products = step_products(*inputs, 0.75)
+    if dtype == torch.float16:
+        assert any(c.tma for p in products for c in p.candidates), "the TMA kernel must be among the candidates"
+    for product in products:
+        references = product.reference()
+        tolerance = 1e-4 if product.name in ("z", "g") or dtype == torch.float32 else TOLERANCE[dtype]
+        for config in product.candidates:
+            with poisoned_allocations():
+                for output in product.outputs:
+                    output.fill_(float("nan"))
+                product.launch(config)
+            for output, reference in zip(product.outputs, references):
+                assert_close(output, reference, tolerance, f"{product.name} [{config}]")
+        product.launch(product.candidates[0])  # the input of later products: computed as the step would
+
+
+@pytest.mark.slow  # a few minutes on two cores with a cold Triton cache: hundreds of kernels
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_kernels_compile_for_hopper_without_spills():
+    pytest.importorskip("triton.knobs", reason="the offline compile follows triton >= 3.4's JIT")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("linear_hopper_compile.py"))],
+        env=env, capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -1,8 +1,9 @@
 """``sorsa_linear``: the one fused adapter linear behind SORSA, PiSSA, LoRA and SoRA.
 
-The op is two ``torch.library`` custom ops (forward and backward, each dispatching to the
-resolved backend) joined by an autograd Function, so that eager mode runs the backend's
-kernels directly and ``torch.compile(fullgraph=True)`` sees two opaque nodes and no graph break.
+The op is an autograd Function over the backend interface. Under ``torch.compile`` its
+forward and backward call two ``torch.library`` custom ops (each dispatching to the resolved
+backend), so that ``fullgraph=True`` sees two opaque nodes and no graph break; in eager mode they
+call the backend directly (see :func:`_through_custom_op`).
 """
 
 from typing import Optional
@@ -63,13 +64,34 @@ def _linear_backward_fake(dy, x, z, weight, U, S, Vt, scale, needs, backend):
     )
 
 
+def _through_custom_op(x) -> bool:
+    # Eager calls skip the custom ops: their dispatcher round trip (schema checks, output aliasing
+    # checks, Python re-entry) costs more host time than the kernels of a small layer take on the
+    # GPU. A traced graph (torch.compile, export) must contain the opaque ops instead, and so must
+    # tensor subclasses (fake or functional tensors of a tracer), whose data no kernel can read.
+    return torch.compiler.is_compiling() or type(x) is not torch.Tensor
+
+
+def _forward(x, weight, U, S, Vt, bias, scale, backend):
+    if _through_custom_op(x):
+        return torch.ops.sorsa_kernels.linear_forward(x, weight, U, S, Vt, bias, scale, backend)
+    return implementation("sorsa_linear", backend).forward(x, weight, U, S, Vt, bias, scale)
+
+
+def _backward(dy, x, z, weight, U, S, Vt, scale, needs, backend):
+    if _through_custom_op(dy):
+        grads = torch.ops.sorsa_kernels.linear_backward(dy, x, z, weight, U, S, Vt, scale, needs, backend)
+        return [g if need else None for g, need in zip(grads, needs)]
+    return implementation("sorsa_linear", backend).backward(dy, x, z, weight, U, S, Vt, scale, tuple(needs))
+
+
 class SORSALinearFunction(torch.autograd.Function):
     """Autograd for ``sorsa_linear``: saves only x and the ``[M, r]`` intermediate ``x Vtᵀ``
     (the other saved tensors are the parameters themselves)."""
 
     @staticmethod
     def forward(ctx, x, weight, U, S, Vt, bias, scale, backend):
-        y, z = torch.ops.sorsa_kernels.linear_forward(x, weight, U, S, Vt, bias, scale, backend)
+        y, z = _forward(x, weight, U, S, Vt, bias, scale, backend)
         ctx.save_for_backward(x, z, weight, U, S, Vt)
         ctx.scale = scale
         ctx.backend = backend
@@ -81,24 +103,26 @@ class SORSALinearFunction(torch.autograd.Function):
         x, z, weight, U, S, Vt = ctx.saved_tensors
         need_x, need_weight, need_U, need_S, need_Vt, need_bias = ctx.needs_input_grad[:6]
         needs = [need_x, need_U, need_S, need_Vt]
-        grads = torch.ops.sorsa_kernels.linear_backward(dy, x, z, weight, U, S, Vt, ctx.scale, needs, ctx.backend)
-        dx, dU, dS, dVt = (g if need else None for g, need in zip(grads, needs))
+        dx, dU, dS, dVt = _backward(dy, x, z, weight, U, S, Vt, ctx.scale, needs, ctx.backend)
         dweight = (dy.T @ x).to(weight.dtype) if need_weight else None
         dbias = dy.sum(0, dtype=accumulation_dtype(dy.dtype)).to(ctx.bias_dtype) if need_bias else None
         return dx, dweight, dU, dS, dVt, dbias, None, None
 
 
 def _check_inputs(x, weight, U, S, Vt, bias, scale):
+    # Runs on every call: one pass of cheap reads per tensor, the named error where one fails.
     check_tensor("x", x, dims=None)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension [..., in_features]")
-    check_tensor("weight", weight, dims=2, optional=True)
-    check_tensor("U", U, dims=2)
-    check_tensor("S", S, dims=1, optional=True)
-    check_tensor("Vt", Vt, dims=2)
-    check_tensor("bias", bias, dims=1, optional=True)
+    device = x.device
+    for name, tensor, dims in (("weight", weight, 2), ("U", U, 2), ("S", S, 1), ("Vt", Vt, 2), ("bias", bias, 1)):
+        if tensor is None and name in ("U", "Vt"):
+            check_tensor(name, tensor)  # raises
+        if tensor is not None:
+            check_tensor(name, tensor, dims=dims)
+            if tensor.device != device:
+                check_same_device("x", x, **{name: tensor})  # raises
     check_number("scale", scale)
-    check_same_device("x", x, weight=weight, U=U, S=S, Vt=Vt, bias=bias)
     in_features = x.shape[-1]
     out_features, rank = U.shape
     check_dim("Vt.shape[1]", Vt.shape[1], "x.shape[-1]", in_features)
@@ -116,9 +140,10 @@ def _check_inputs(x, weight, U, S, Vt, bias, scale):
         raise ValueError(
             f"rank {rank} (U.shape[1]) exceeds min(in_features, out_features) = {min(in_features, out_features)}"
         )
-    for name, adapter in (("S", S), ("Vt", Vt)):
-        if adapter is not None and adapter.dtype != U.dtype:
-            raise TypeError(f"{name} has dtype {adapter.dtype} but U has {U.dtype}; the adapters share one dtype")
+    adapter_dtype = U.dtype
+    if Vt.dtype != adapter_dtype or (S is not None and S.dtype != adapter_dtype):
+        name, adapter = ("Vt", Vt) if Vt.dtype != adapter_dtype else ("S", S)
+        raise TypeError(f"{name} has dtype {adapter.dtype} but U has {adapter_dtype}; the adapters share one dtype")
 
 
 def sorsa_linear(
@@ -168,5 +193,9 @@ def sorsa_linear(
     if weight is not None and weight.dtype != x.dtype:
         raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}; they must match (or run under autocast)")
     name = resolve("sorsa_linear", backend, x.device)
-    y = SORSALinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, U, S, Vt, bias, float(scale), name)
+    rows = x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, U, S, Vt, bias)):
+        y = SORSALinearFunction.apply(rows, weight, U, S, Vt, bias, float(scale), name)
+    else:  # inference: no autograd node to build, and z is dropped at once
+        y = _forward(rows, weight, U, S, Vt, bias, float(scale), name)[0]
     return y.reshape(*x.shape[:-1], U.shape[0])

@@ -4,8 +4,11 @@ Implements the backend interface documented in :mod:`sorsa_kernels.reference.lin
 generic kernels, each launched through one function of this module:
 
 * :func:`extended_matmul` ``c = a·b + ((t ⊙ S·scale) → a's dtype)·tb + bias``: one GEMM whose K
-  loop runs over ``b`` and then over the rank-r tail, so the adapter's up-projection costs r more
-  K steps of the frozen product and ``c`` is written once.
+  loop also runs over the rank-r tail, so the adapter's up-projection costs r more K steps of the
+  frozen product and ``c`` is written once. Two kernels: for 16-bit operands whose rows are
+  16-byte aligned (every LLM shape) tiles arrive by TMA, optionally from a persistent grid of
+  one program per SM walking L2-grouped tiles; any other operand
+  (float32, float64, odd strides, few rows) takes the pointer kernel.
 * :func:`rank_down` ``out = a·b`` for a skinny ``b [K, r]``: a memory-bound pass over ``a``
   (``b`` wider than ``a`` enters as two roundings, high part and residue, so z and g keep float32
   accuracy even where their sums cancel).
@@ -23,27 +26,33 @@ The six products of one training step::
 
 ``dS = scale·Σ_m z ⊙ g`` needs both the M×r products; it comes out of dU's pass instead, as
 ``dS_j = Σ_o U_oj · (scale·dyᵀ z)_oj``, so that ``rank_down`` stays a plain product that may split
-its K loop across programs (an estimate, not yet a measurement: unsplit, each row tile of ``g``
-re-reads all of ``U`` from L2, more bytes than its share of dy).
+its K loop across programs.
 
-dU takes a second pass over dy rather than sharing ``rank_down``'s: a pass tiled over rows must
-reduce dU's ``[out, r]`` across ``M/BLOCK_M`` row tiles with atomics (tens of millions at training
-sizes, slower than reading dy again at full bandwidth); ``row_reduction`` owns whole column tiles
-and loops over M itself, needing atomics only across the few M-splits chosen to fill the GPU.
+The skinny passes are memory-bound: their cost is reading ``a`` once, plus the ``[·, r]`` operand
+that every program reads again from L2 (``2r/BLOCK`` times the bytes of ``a`` for a float32 operand
+under 16-bit ``a``). Wide tiles (256 rows) keep that re-read small; a reduction that then has too
+few tiles to fill the GPU is split across programs (float atomics into a zeroed output).
 
 Precision: products accumulate in float32 (float64 for float64 inputs). 16-bit inputs meet the
 adapter operands rounded to their dtype on tensor cores (in ``rank_down`` plus the rounding
 residue, see above); float32 inputs use full-precision dots unless
 ``torch.backends.cuda.matmul.allow_tf32`` is set. ``z`` and ``g`` stay in the accumulation dtype.
 
-Launch configurations are autotuned per shape class on first use (``SORSA_KERNELS_AUTOTUNE=0``
-takes the first configuration each class keeps instead); a configuration that splits a reduction
-across programs accumulates with float atomics, so its last bits may vary from run to run.
+Launch configurations: each launch function keys its shape (rows bucketed) and, on the first
+launch of a key, times the candidate configurations once on the real outputs
+(``SORSA_KERNELS_AUTOTUNE=0`` takes the first candidate instead), then launches the JIT kernel
+directly with the chosen one: no autotuner runs per call, and host arithmetic stays plain Python.
+The candidate lists are pruned to what compiles on an H100 without register spills (checked
+offline for every configuration by tests/linear_hopper_compile.py); bench/sweep_linear.py times
+each of them. A configuration that splits a reduction accumulates with float atomics, so its last
+bits may vary from run to run; under ``torch.use_deterministic_algorithms(True)`` no reduction is
+split (dS, a sum over column tiles, still adds with atomics).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import struct
@@ -51,9 +60,18 @@ import struct
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import OutOfResources
 
 from sorsa_kernels.backends import _triton_interpreted
 from sorsa_kernels.reference.linear import accumulation_dtype
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # older triton: the pointer kernel serves every shape
+    TensorDescriptor = None
+
+# TMA tiles need host tensor descriptors and their load/store methods in kernels (triton >= 3.4).
+HAS_TMA = TensorDescriptor is not None and hasattr(tl, "make_tensor_descriptor")
 
 # ----------------------------------------------------------------------------------------------
 # Device helpers shared by the kernels
@@ -87,33 +105,116 @@ def _scaled_ranks(tile, s_ptr, ranks, rank, scale, HAS_S: tl.constexpr, DTYPE: t
     return tile.to(DTYPE)
 
 
+@triton.jit
+def _grouped_tile(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """Tile index -> (row tile, column tile) in groups of GROUP_M row tiles that sweep the column
+    tiles together, so each column tile of b is read from DRAM about once per group."""
+    group_size = GROUP_M * tiles_n
+    first_m = (tile // group_size) * GROUP_M
+    group_m = min(tiles_m - first_m, GROUP_M)
+    return first_m + (tile % group_size) % group_m, (tile % group_size) // group_m
+
+
+@triton.jit
+def _rank_tail(acc, t_ptr, tb_ptr, s_ptr, rows, cols, RANK, scale,
+               stride_tm, stride_tr, stride_tbr, stride_tbn,
+               HAS_S: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr, TAIL_K: tl.constexpr,
+               TAIL_STAGES: tl.constexpr):  # fmt: skip
+    """``acc + ((t[rows] ⊙ S·scale) → DTYPE) · (tb[:, cols] → DTYPE)``: the rank-r end of the K loop
+    (rows and cols already wrapped into range) in steps of TAIL_K ranks, pipelined TAIL_STAGES deep."""
+    ranks = tl.arange(0, TAIL_K)
+    t_ptrs = t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr
+    tb_ptrs = tb_ptr + ranks[:, None] * stride_tbr + cols[None, :] * stride_tbn
+    for r0 in tl.range(0, RANK, TAIL_K, num_stages=TAIL_STAGES):
+        in_rank = ranks < RANK - r0
+        t = tl.load(t_ptrs, mask=in_rank[None, :], other=0.0)
+        t = _scaled_ranks(t, s_ptr, r0 + ranks, RANK, scale, HAS_S, DTYPE)
+        tb = tl.load(tb_ptrs, mask=in_rank[:, None], other=0.0).to(DTYPE)
+        acc = _multiply_accumulate(acc, t, tb, PRECISION)
+        t_ptrs += TAIL_K * stride_tr
+        tb_ptrs += TAIL_K * stride_tbr
+    return acc
+
+
 # ----------------------------------------------------------------------------------------------
-# Launch configurations
+# Launch configurations and their choice
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One launch configuration: the kernel's constexpr meta-parameters, warps, pipeline stages,
+    and ``split``, the programs that share each reduction (above 1 they add their partial sums
+    with atomics into a zeroed output). ``tma`` picks :func:`extended_matmul`'s TMA kernel and
+    ``persistent`` its grid of one program per SM."""
+
+    meta: tuple[tuple[str, object], ...]
+    warps: int = 4
+    stages: int = 3
+    split: int = 1
+    tma: bool = False
+    persistent: bool = False
+
+    @staticmethod
+    def of(warps=4, stages=3, split=1, tma=False, persistent=False, **meta):
+        return Config(tuple(meta.items()), warps, stages, split, tma, persistent)
+
+    @functools.cached_property
+    def kwargs(self) -> dict:
+        """The meta-parameters and the compile options, as a launch takes them."""
+        return dict(self.meta, num_warps=self.warps, num_stages=self.stages)
+
+    def __str__(self):
+        fields = [f"{k}={v}" for k, v in self.meta]
+        fields += [f"warps={self.warps}", f"stages={self.stages}"]
+        fields += [f"split={self.split}"] * (self.split > 1) + ["tma"] * self.tma + ["persistent"] * self.persistent
+        return " ".join(fields)
 
 
 AUTOTUNE_ENV = "SORSA_KERNELS_AUTOTUNE"
 
-
-def _bench_for_tuning(kernel_call, quantiles):
-    """Autotuner timing; with SORSA_KERNELS_AUTOTUNE=0 none (for tests: no tuning cost)."""
-    if os.environ.get(AUTOTUNE_ENV, "1") == "0":
-        return [0.0, 0.0, 0.0]  # nothing runs: the first config the pruning kept wins
-    # Short runs: choosing among a handful of configs needs less than do_bench's defaults.
-    return triton.testing.do_bench(kernel_call, warmup=2, rep=10, quantiles=quantiles)
+# (launch function, shape key) -> the chosen Config.
+_chosen: dict[tuple, Config] = {}
 
 
-def _autotune(configs, interpreter_config, key, prune):
-    """``triton.autotune`` over ``configs`` pruned per shape class by ``prune``; under
-    TRITON_INTERPRET the one ``interpreter_config`` (the interpreter has no CUDA events to time with)."""
-    if _triton_interpreted():
-        return triton.autotune(configs=[interpreter_config], key=key)
+def _choose(key: tuple, candidates, launch, reset=None) -> Config:
+    """The configuration cached for ``key``; on a miss the fastest of ``candidates()``, timed
+    with ``launch(config)`` (a complete launch on the real outputs; ``reset()`` then undoes what
+    the timing runs accumulated)."""
+    key += (torch.are_deterministic_algorithms_enabled(),)  # which candidates may split
+    config = _chosen.get(key)
+    if config is not None:
+        return config
+    configs = candidates()
+    if len(configs) == 1 or _triton_interpreted() or os.environ.get(AUTOTUNE_ENV, "1") == "0":
+        config = configs[0]
+    elif torch.cuda.is_current_stream_capturing():
+        return configs[0]  # nothing can be timed inside a CUDA graph capture: chosen on a later call
+    else:
+        config = min(configs, key=lambda c: _time_ms(launch, c))
+        if reset is not None:
+            reset()
+    _chosen[key] = config
+    return config
 
-    def decorate(kernel):
-        tuner = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
-        tuner.do_bench = _bench_for_tuning  # set here: triton 3.2's autotune() drops a do_bench argument
-        return tuner
 
-    return decorate
+def _time_ms(launch, config) -> float:
+    try:
+        # Short runs: choosing among a handful of configs needs less than do_bench's defaults.
+        return triton.testing.do_bench(lambda: launch(config), warmup=2, rep=10)
+    except OutOfResources:
+        return float("inf")
+
+
+# Host-side arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are constexpr
+# functions, several microseconds a call outside a kernel.
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 @functools.cache
@@ -122,12 +223,13 @@ def _multiprocessor_count(device: torch.device) -> int:
 
 
 def _row_bucket(rows: int) -> int:
-    """Autotuning key for a row count, which may change every step: the next power of two up to
-    64 rows (decode), of four above."""
-    bucket = max(16, triton.next_power_of_2(rows))
+    """Key for a row count, which may change every step: the next power of two up to 64 rows
+    (decode), of four above."""
+    bucket = max(16, _next_power_of_2(rows))
     return bucket if bucket <= 64 else 4 ** ((bucket.bit_length()) // 2)
 
 
+@functools.lru_cache(maxsize=256)
 def _float32_pair(value: float) -> tuple[float, float]:
     """``value`` as float32 ``hi`` and ``lo`` with ``hi + lo`` ≈ value to about 2⁻⁴⁸ (see :func:`_scale`)."""
     hi = struct.unpack("f", struct.pack("f", value))[0]
@@ -135,7 +237,7 @@ def _float32_pair(value: float) -> tuple[float, float]:
 
 
 def _rank_pad(rank: int) -> int:
-    return max(16, triton.next_power_of_2(rank))
+    return max(16, _next_power_of_2(rank))
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -144,156 +246,40 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _zero_atomic_targets(args):
-    """Config pre-hook: zero what the chosen config accumulates into with atomics."""
-    if args["SPLIT"] > 1:
-        args["out_ptr"].zero_()
-    if args.get("red_ptr") is not None:
-        args["red_ptr"].zero_()
+# Shared memory one H100 block may use (227 KiB), less room for the compiler's own scratch.
+_SHARED_BYTES = 220 * 1024
 
 
-# Ways to split a reduction across programs (accumulating with atomics) when its tiles are too few.
-_SPLITS = (1, 2, 4, 8, 16, 32, 64)
-
-
-def _config(pre_hook=None, warps=4, stages=3, **blocks):
-    return triton.Config(blocks, num_warps=warps, num_stages=stages, pre_hook=pre_hook)
-
-
-def _fits(stages: int, *tiles: tuple[int, int]) -> bool:
-    """Whether ``stages`` pipelined copies of tiles given as (elements, bytes each) fit the
-    shared memory that an H100 block may use, leaving room for the epilogue."""
-    return stages * sum(n * size for n, size in tiles) <= 180 * 1024
-
-
-def _split_choices(tiles: int, length: int, block: int, device) -> list[int]:
-    """1, the smallest power-of-two split of ``length`` that fills the GPU with ``tiles`` tiles,
-    and half that (each split keeps at least two blocks of the loop)."""
-    limit = max(1, triton.cdiv(length, 2 * block))
+def _split_choices(tiles: int, steps: int, device) -> list[int]:
+    """Splits of a reduction of ``steps`` blocks over ``tiles`` output tiles: 1, the smallest power
+    of two that fills the GPU, and half that (each split keeps at least four blocks)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return [1]
     split = 1
-    while tiles * split < _multiprocessor_count(device) and split * 2 <= limit:
+    programs = _multiprocessor_count(device)
+    while tiles * split < programs and split * 4 <= steps:
         split *= 2
     return sorted({1, max(1, split // 2), split})
-
-
-def _operand_class(element_size: int) -> str:
-    return {2: "16-bit", 4: "float32", 8: "float64"}[element_size]
-
-
-def _skinny_classes(blocks_by_class, tile: str, step: str):
-    """Configs of a skinny kernel (a ``[tile, RANK_PAD]`` accumulator, a loop in ``step``s that
-    may be split across programs) by operand class."""
-    return {
-        name: [
-            _config(_zero_atomic_targets, **{tile: t, step: k}, SPLIT=split, warps=w, stages=s)
-            for t, k, w, s in blocks
-            for split in (_SPLITS if name != "float64" else (1,))
-        ]
-        for name, blocks in blocks_by_class.items()
-    }
-
-
-def _skinny_prune(classes, tile: str, step: str, *, tiled, split, skinny: str):
-    """Pruning for a skinny kernel: ``tiled(args)`` is the extent cut into tiles, ``split(args)``
-    the length of the loop, ``skinny`` the argument holding the ``[·, r]`` operand."""
-
-    def prune(configs, args, **kwargs):
-        size = args["a_ptr"].element_size()
-        name = _operand_class(size)
-        if name == "float64":
-            return classes[name]
-        rank_pad, extent, length = kwargs["RANK_PAD"], tiled(args), split(args)
-        # Accumulator elements per thread that compile without spilling on an H100: a float32
-        # product on CUDA cores holds its operands in registers too.
-        per_thread = 64 if size == 2 else 16
-        kept = []
-        for c in classes[name]:
-            rows, steps = c.kwargs[tile], c.kwargs[step]
-            if rows > max(16, triton.next_power_of_2(extent)) or rows * rank_pad > per_thread * 32 * c.num_warps:
-                continue
-            splits = _split_choices(triton.cdiv(extent, rows), length, steps, args["a_ptr"].device)
-            tiles = ((rows * steps, size), (steps * rank_pad, args[skinny].element_size()))
-            if c.kwargs["SPLIT"] in splits and _fits(c.num_stages, *tiles):
-                kept.append(c)
-        # Untuned (SORSA_KERNELS_AUTOTUNE=0), the first wins: let it be one that fills the GPU.
-        return sorted(kept, key=lambda c: -c.kwargs["SPLIT"])
-
-    return prune
 
 
 # ----------------------------------------------------------------------------------------------
 # extended_matmul: c = a·b + (t ⊙ S·scale)·tb + bias
 
 
-_MATMUL_CLASSES = {  # shape class -> [(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)]
-    "many rows": [(128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4)],
-    "many rows, float32": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)],
-    # Decode and other few-row shapes: the product is a read of b, spread over many column tiles.
-    "few rows": [
-        (16, 64, 128, 4, 4),
-        (16, 128, 128, 4, 3),
-        (32, 64, 128, 4, 4),
-        (64, 64, 128, 4, 3),
-        (16, 32, 256, 4, 3),
-    ],
-    "float64": [(32, 32, 8, 4, 1)],
-}
-_MATMUL_CLASSES = {
-    name: [_config(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, warps=w, stages=s) for m, n, k, w, s in blocks]
-    for name, blocks in _MATMUL_CLASSES.items()
-}
-
-
-def _prune_matmul(configs, args, **kwargs):
-    size, rows = args["c_ptr"].element_size(), args["M_BUCKET"]
-    if size == 8:
-        return _MATMUL_CLASSES["float64"]
-    name = "few rows" if rows <= 64 else "many rows, float32" if size == 4 else "many rows"
-    kept = []
-    for c in _MATMUL_CLASSES[name]:
-        block_m, block_n, block_k = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-        if block_m <= max(16, rows) and _fits(c.num_stages, (block_m * block_k, size), (block_k * block_n, size)):
-            kept.append(c)
-    return kept
-
-
-def _tail_width(args):
-    """Rank columns per tail step: the tail's float32 tiles then take as much shared memory per
-    step as the main loop's tiles of 16-bit operands."""
-    width = args["BLOCK_K"] if args["c_ptr"].element_size() >= 4 else args["BLOCK_K"] // 2
-    return min(_rank_pad(args["RANK"]), width)
-
-
-@_autotune(
-    [c for configs in _MATMUL_CLASSES.values() for c in configs],
-    _config(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=3),
-    key=["M_BUCKET", "N", "K", "RANK", "stride_ak", "stride_bk"],
-    prune=_prune_matmul,
-)
-@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0, "TAIL_K": _tail_width})
-@triton.jit(do_not_specialize=["M_BUCKET"])
+@triton.jit
 def _extended_matmul_kernel(
     a_ptr, b_ptr, t_ptr, tb_ptr, s_ptr, bias_ptr, c_ptr,
-    M, N, K, RANK, scale_hi, scale_lo, M_BUCKET,
+    M, N, K, RANK, scale_hi, scale_lo,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_tm, stride_tr, stride_tbr, stride_tbn,
     stride_cm, stride_cn,
     HAS_BASE: tl.constexpr, HAS_S: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr, EVEN_K: tl.constexpr, TAIL_K: tl.constexpr,
+    PRECISION: tl.constexpr, EVEN_K: tl.constexpr, TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     DTYPE: tl.constexpr = c_ptr.dtype.element_ty
     ACC: tl.constexpr = tl.float64 if DTYPE == tl.float64 else tl.float32
-    # Grouped tile order: GROUP_M row tiles share each column tile of b while it sits in L2.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * tiles_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
-
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Edge tiles load wrapped-around rows and columns (valid memory) and drop them at the store.
@@ -317,108 +303,266 @@ def _extended_matmul_kernel(
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
 
-    # The rank tail: K continues over the r columns of t, transformed while loading.
     scale = _scale(scale_hi, scale_lo, ACC)
-    ranks = tl.arange(0, TAIL_K)
-    t_ptrs = t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr
-    tb_ptrs = tb_ptr + ranks[:, None] * stride_tbr + cols[None, :] * stride_tbn
-    for r0 in range(0, RANK, TAIL_K):
-        in_rank = ranks < RANK - r0
-        t = tl.load(t_ptrs, mask=in_rank[None, :], other=0.0)
-        t = _scaled_ranks(t, s_ptr, r0 + ranks, RANK, scale, HAS_S, DTYPE)
-        tb = tl.load(tb_ptrs, mask=in_rank[:, None], other=0.0).to(DTYPE)
-        acc = _multiply_accumulate(acc, t, tb, PRECISION)
-        t_ptrs += TAIL_K * stride_tr
-        tb_ptrs += TAIL_K * stride_tbr
-
+    acc = _rank_tail(acc, t_ptr, tb_ptr, s_ptr, rows, cols, RANK, scale,
+                     stride_tm, stride_tr, stride_tbr, stride_tbn, HAS_S, DTYPE, PRECISION, TAIL_K, TAIL_STAGES)  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(ACC)[None, :]
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(DTYPE), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
-def extended_matmul(a, b, t, tb, S, scale, bias, out):
+@triton.jit
+def _extended_matmul_tma_kernel(
+    a_desc, b_desc, c, t_ptr, tb_ptr, s_ptr, bias_ptr,
+    M, N, K, RANK, scale_hi, scale_lo, PROGRAMS, stride_cm,
+    stride_tm, stride_tr, stride_tbr, stride_tbn,
+    HAS_S: tl.constexpr, HAS_BIAS: tl.constexpr, B_ROWS_N: tl.constexpr,
+    TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    TMA_STORE: tl.constexpr, SUBTILE: tl.constexpr,
+):  # fmt: skip
+    """Tiles of a ``[M, K]`` and b (``[N, K]`` when B_ROWS_N, else ``[K, N]``) by TMA (reads out of
+    range are zeros); c a descriptor (TMA_STORE: clipped stores, SUBTILE: in two halves, half
+    the shared memory) or a pointer (row stride stride_cm). PROGRAMS programs walk the tiles:
+    one each when PROGRAMS covers them, else a persistent grid."""
+    DTYPE: tl.constexpr = a_desc.dtype
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    scale = _scale(scale_hi, scale_lo, tl.float32)
+    for tile in range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS):
+        pid_m, pid_n = _grouped_tile(tile, tiles_m, tiles_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        rows = (offs_m % M).to(tl.int64)
+        cols = (offs_n % N).to(tl.int64)
+        # The rank tail (a few K steps whose float32 operands are rounded in registers, so they
+        # load by pointer) starts the accumulator; the main loop then runs on TMA tiles alone.
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = _rank_tail(acc, t_ptr, tb_ptr, s_ptr, rows, cols, RANK, scale,
+                         stride_tm, stride_tr, stride_tbr, stride_tbn, HAS_S, DTYPE, "ieee", TAIL_K, TAIL_STAGES)  # fmt: skip
+        for k in range(k_steps):
+            a = a_desc.load([off_m, k * BLOCK_K])
+            if B_ROWS_N:
+                b = b_desc.load([off_n, k * BLOCK_K]).T
+            else:
+                b = b_desc.load([k * BLOCK_K, off_n])
+            acc = tl.dot(a, b, acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        if TMA_STORE:
+            if SUBTILE:
+                halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+                left, right = tl.split(halves)
+                c.store([off_m, off_n], left.to(DTYPE))
+                c.store([off_m, off_n + BLOCK_N // 2], right.to(DTYPE))
+            else:
+                c.store([off_m, off_n], acc.to(DTYPE))
+        else:
+            c_ptrs = c + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+            tl.store(c_ptrs, acc.to(DTYPE), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the pointer kernel by operand class.
+_POINTER_BLOCKS = {
+    "many rows": [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4)],
+    # Rows not 16-byte aligned load without vectors (nor async copies): smaller tiles, or spills.
+    "many rows, unaligned": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 128, 32, 4, 3)],
+    "many rows, float32": [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4)],
+    "many rows, float32, unaligned": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)],
+    # Decode and other few-row shapes: the product is a read of b, spread over many column tiles.
+    "few rows": [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4), (64, 64, 128, 4, 3)],
+    "few rows, unaligned": [(16, 64, 128, 4, 4), (16, 128, 64, 4, 3), (32, 64, 64, 4, 3)],
+    "few rows, float32": [(16, 64, 32, 4, 3), (16, 128, 32, 4, 3), (16, 32, 64, 4, 3)],
+    "float64": [(32, 32, 8, 4, 1)],
+}
+
+# TMA kernel: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, GROUP_M, persistent, epilogue, TAIL_K,
+# TAIL_STAGES) with epilogue "tma", "subtile" (TMA stores of two halves: half the shared memory)
+# or "pointer" (masked stores; with 128x128 tiles two programs fit one SM); a persistent grid
+# walks the tiles in one program per SM; the rank tail takes TAIL_K ranks a step, its loads
+# pipelined TAIL_STAGES deep. (Triton 3.6 neither flattens the tile and K loops nor
+# warp-specializes them on Hopper once the rank tail adds a second inner loop: the one fails to
+# compile, the other allocates twice the shared memory there is.)
+TMA_BLOCKS = [
+    (128, 256, 64, 8, 3, 8, False, "subtile", 32, 2),
+    (128, 256, 64, 8, 3, 8, False, "subtile", 64, 1),
+    (128, 256, 64, 8, 3, 16, False, "subtile", 32, 2),
+    (128, 256, 64, 8, 3, 8, True, "subtile", 32, 2),
+    (256, 128, 64, 8, 3, 8, True, "subtile", 32, 2),
+    (128, 128, 64, 8, 4, 8, True, "tma", 64, 2),
+    (128, 128, 64, 8, 3, 8, False, "pointer", 64, 1),
+    (128, 128, 64, 4, 3, 8, False, "pointer", 32, 1),
+]
+# Under the interpreter: small tiles, every grid and epilogue.
+_INTERPRETER_TMA_BLOCKS = [
+    (32, 32, 32, 4, 2, 2, True, "subtile", 16, 2), (16, 32, 16, 4, 2, 2, False, "tma", 16, 1),
+    (16, 16, 16, 4, 2, 2, True, "pointer", 16, 1),
+]
+
+
+def _tma_config(block_m, block_n, block_k, warps, stages, group_m, persistent, epilogue, tail_k, tail_stages):
+    return Config.of(
+        warps, stages, tma=True, persistent=persistent, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        GROUP_M=group_m, TMA_STORE=epilogue != "pointer", SUBTILE=epilogue == "subtile", TAIL_K=tail_k,
+        TAIL_STAGES=tail_stages,
+    )  # fmt: skip
+
+
+def _fits(stages: int, *tiles: tuple[int, int]) -> bool:
+    """Whether ``stages`` pipelined copies of tiles given as (elements, bytes each) fit."""
+    return stages * sum(n * size for n, size in tiles) <= 180 * 1024
+
+
+def _matmul_candidates(rows: int, size: int, tma: bool, aligned: bool = True) -> list[Config]:
+    if _triton_interpreted():
+        if tma:
+            return [_tma_config(*b) for b in _INTERPRETER_TMA_BLOCKS]
+        return [Config.of(4, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)]
+    if tma:
+        return [_tma_config(*b) for b in TMA_BLOCKS]
+    if size == 8:
+        name = "float64"
+    elif size == 4 and rows <= 64:
+        name = "few rows, float32"
+    else:
+        name = ("few rows" if rows <= 64 else "many rows") + (", float32" if size == 4 else "")
+        name += "" if aligned else ", unaligned"
+    return [
+        Config.of(w, s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8)
+        for m, n, k, w, s in _POINTER_BLOCKS[name]
+        if m <= max(16, rows) and _fits(s, (m * k, size), (k * n, size))
+    ]
+
+
+def _aligned(tensor: torch.Tensor, strides: tuple[int, ...]) -> bool:
+    """Whether loads along the tensor's contiguous dimension can be 16-byte vectors: base and
+    every other stride multiples of 16 bytes."""
+    size = tensor.element_size()
+    return tensor.data_ptr() % 16 == 0 and all(s == 1 or s * size % 16 == 0 for s in strides)
+
+
+def _tma_ready(tensor: torch.Tensor, strides: tuple[int, int]) -> bool:
+    """Whether a 2-D tensor with these strides (its own, or swapped: its transpose) can be a TMA
+    operand: 16-bit elements, unit stride along its columns, base and row stride 16-byte aligned."""
+    return strides[1] == 1 and strides[0] % 8 == 0 and tensor.data_ptr() % 16 == 0
+
+
+def _tma_layout(a, a_strides, b, b_strides, out, out_strides):
+    """``"[K, N]"`` or ``"[N, K]"``, how b suits the TMA kernel (stored as is, or transposed), or
+    ``None`` when a, b or out do not suit it (then the pointer kernel runs)."""
+    if not HAS_TMA or b is None or out.shape[0] <= 64 or a.element_size() != 2 or b.dtype != a.dtype:
+        return None
+    if not (_tma_ready(a, a_strides) and _tma_ready(out, out_strides)):
+        return None
+    if _tma_ready(b, b_strides):
+        return "[K, N]"
+    if _tma_ready(b, b_strides[::-1]):
+        return "[N, K]"
+    return None
+
+
+def _tail_width(rank: int, block_k: int, size: int) -> int:
+    """Rank columns per tail step of the pointer kernel: the tail's float32 tiles then take about
+    as much shared memory per step as the main loop's tiles of 16-bit operands."""
+    return min(_rank_pad(rank), block_k if size >= 4 else max(16, block_k // 2))
+
+
+def extended_matmul(a, b, t, tb, S, scale, bias, out, config: Config | None = None):
     """``out = a·b + ((t ⊙ S·scale) in a's dtype)·tb + bias`` in one GEMM over K = a's columns + r.
 
     a ``[M, K]``, b ``[K, N]`` or ``None`` (the tail alone), t ``[M, r]`` in the accumulation
     dtype, tb ``[r, N]`` in any float dtype, S ``[r]`` or ``None``, bias ``[N]`` or ``None``, out
     ``[M, N]`` in a's dtype; any strides (pass transposed views to multiply by a transpose).
+    ``config`` overrides the tuned choice (for benchmarks; see :func:`matmul_candidates`).
     """
     rows, cols = out.shape
-    rank = t.shape[1]
     inner = a.shape[1] if b is not None else 0
+    rank = t.shape[1]
+    a_strides, out_strides = a.stride(), out.stride()
     b_strides = b.stride() if b is not None else (0, 0)
+    layout = _tma_layout(a, a_strides, b, b_strides, out, out_strides)
+    if config is None:
+        aligned = layout is not None or (_aligned(a, a_strides) and (b is None or _aligned(b, b_strides)))
+        key = ("matmul", a.get_device(), a.dtype, _row_bucket(rows), cols, inner, rank, layout, aligned,
+               a_strides[1] == 1, b_strides[0] == 1)  # fmt: skip
+        config = _choose(key, lambda: _matmul_candidates(rows, out.element_size(), layout is not None, aligned),
+                         lambda c: extended_matmul(a, b, t, tb, S, scale, bias, out, c))  # fmt: skip
     scale_hi, scale_lo = _float32_pair(scale)
-
-    def grid(meta):
-        return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)
-
+    meta = config.kwargs
+    t_strides, tb_strides = t.stride(), tb.stride()
+    if config.tma:
+        block_m, block_n, block_k = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+        tiles = _cdiv(rows, block_m) * _cdiv(cols, block_n)
+        programs = min(tiles, _multiprocessor_count(a.device)) if config.persistent else tiles
+        if layout == "[N, K]":
+            b_desc = TensorDescriptor(b, [cols, inner], [b_strides[1], 1], [block_n, block_k])
+        else:
+            b_desc = TensorDescriptor(b, [inner, cols], list(b_strides), [block_k, block_n])
+        c = out
+        if meta["TMA_STORE"]:
+            c = TensorDescriptor(out, [rows, cols], list(out_strides), [block_m, block_n // 2 if meta["SUBTILE"] else block_n])
+        _extended_matmul_tma_kernel[(programs,)](
+            TensorDescriptor(a, [rows, inner], list(a_strides), [block_m, block_k]), b_desc,
+            c, t, tb, S, bias,
+            rows, cols, inner, rank, scale_hi, scale_lo, programs, out_strides[0],
+            *t_strides, *tb_strides,
+            HAS_S=S is not None, HAS_BIAS=bias is not None, B_ROWS_N=layout == "[N, K]",
+            **dict(meta, TAIL_K=min(_rank_pad(rank), meta["TAIL_K"])),
+        )  # fmt: skip
+        return out
+    grid = (_cdiv(rows, meta["BLOCK_M"]) * _cdiv(cols, meta["BLOCK_N"]),)
     _extended_matmul_kernel[grid](
         a, b if b is not None else a, t, tb, S, bias, out,
-        rows, cols, inner, rank, scale_hi, scale_lo, _row_bucket(rows),
-        a.stride(0), a.stride(1), *b_strides,
-        t.stride(0), t.stride(1), tb.stride(0), tb.stride(1),
-        out.stride(0), out.stride(1),
+        rows, cols, inner, rank, scale_hi, scale_lo,
+        *a_strides, *b_strides, *t_strides, *tb_strides, *out_strides,
         HAS_BASE=b is not None, HAS_S=S is not None, HAS_BIAS=bias is not None,
-        PRECISION=_dot_precision(a.dtype),
+        PRECISION=_dot_precision(a.dtype), EVEN_K=inner % meta["BLOCK_K"] == 0,
+        TAIL_K=_tail_width(rank, meta["BLOCK_K"], out.element_size()), TAIL_STAGES=config.stages, **meta,
     )  # fmt: skip
     return out
+
+
+def matmul_candidates(a, b, out) -> list[Config]:
+    """The configurations :func:`extended_matmul` chooses among for these operands."""
+    b_strides = b.stride() if b is not None else (0, 0)
+    layout = _tma_layout(a, a.stride(), b, b_strides, out, out.stride())
+    aligned = layout is not None or (_aligned(a, a.stride()) and (b is None or _aligned(b, b_strides)))
+    return _matmul_candidates(out.shape[0], out.element_size(), layout is not None, aligned)
 
 
 # ----------------------------------------------------------------------------------------------
 # rank_down: out[M, r] = a[M, K]·b[K, r]
 
 
-_DOWN_CLASSES = _skinny_classes(
-    {  # (BLOCK_M, BLOCK_K, warps, stages); float32 multiplies on CUDA cores unless tf32: smaller tiles
-        "16-bit": [(128, 64, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3), (16, 128, 4, 4), (32, 32, 8, 3), (16, 32, 4, 3)],
-        "float32": [(32, 32, 8, 3), (16, 64, 4, 3), (16, 32, 4, 3), (16, 32, 8, 3)],
-        "float64": [(16, 8, 4, 1)],
-    },
-    tile="BLOCK_M",
-    step="BLOCK_K",
-)
-_prune_down = _skinny_prune(
-    _DOWN_CLASSES,
-    "BLOCK_M",
-    "BLOCK_K",
-    tiled=lambda args: args["M_BUCKET"],
-    split=lambda args: args["K"],
-    skinny="b_ptr",
-)
-
-
-@_autotune(
-    [c for configs in _DOWN_CLASSES.values() for c in configs],
-    _config(_zero_atomic_targets, BLOCK_M=32, BLOCK_K=32, SPLIT=2),
-    key=["M_BUCKET", "K", "RANK_PAD", "stride_ak", "stride_bk"],
-    prune=_prune_down,
-)
-@triton.jit(do_not_specialize=["M_BUCKET"])
+@triton.jit
 def _rank_down_kernel(
     a_ptr, b_ptr, out_ptr,
-    M, K, RANK, M_BUCKET,
+    M, K, RANK,
     stride_am, stride_ak, stride_bk, stride_br, stride_om, stride_or,
     SPLIT,  # runtime: one compiled kernel serves every split (1 is specialized, with plain stores)
     RANK_PAD: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    TILE: tl.constexpr, STEP: tl.constexpr,
 ):  # fmt: skip
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     # Program pid_k of SPLIT reduces one contiguous range of whole K blocks.
-    k_span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
+    k_span = tl.cdiv(tl.cdiv(K, STEP), SPLIT) * STEP
     k_start = pid_k * k_span
     k_end = min(K, k_start + k_span)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * TILE + tl.arange(0, TILE)
     rows = (offs_m % M).to(tl.int64)
     ranks = tl.arange(0, RANK_PAD)
-    offs_k = k_start + tl.arange(0, BLOCK_K)
+    offs_k = k_start + tl.arange(0, STEP)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + ranks[None, :] * stride_br
-    acc = tl.zeros((BLOCK_M, RANK_PAD), dtype=out_ptr.dtype.element_ty)
-    for k in range(k_start, k_end, BLOCK_K):
+    acc = tl.zeros((TILE, RANK_PAD), dtype=out_ptr.dtype.element_ty)
+    for k in range(k_start, k_end, STEP):
         in_k = offs_k < k_end - (k - k_start)
         a = tl.load(a_ptrs, mask=in_k[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=in_k[:, None] & (ranks < RANK)[None, :], other=0.0)
@@ -427,10 +571,9 @@ def _rank_down_kernel(
         if b.dtype.primitive_bitwidth > a.dtype.primitive_bitwidth:
             # b wider than a (float32 adapters under 16-bit x): its rounding residue too, or an
             # element of z or g that cancels (z = Σ x·Vt near 0) keeps only the residue's error.
-            # The pass reads memory far slower than its tensor cores multiply.
             acc = _multiply_accumulate(acc, a, (b - b_high.to(b.dtype)).to(DTYPE), PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        a_ptrs += STEP * stride_ak
+        b_ptrs += STEP * stride_bk
 
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + ranks[None, :] * stride_or
     mask = (offs_m < M)[:, None] & (ranks < RANK)[None, :]
@@ -440,79 +583,124 @@ def _rank_down_kernel(
         tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
 
 
-def rank_down(a, b, out):
+# (tile, step, warps, stages) of the skinny kernels by operand class: tiles of 256 rows keep the
+# re-read of the [·, r] operand small; the pruning drops tiles whose accumulator would spill and
+# steps whose pipelined operands overflow shared memory. row_reduction adds a tile of 8 warps for
+# ranks above 128 under its dS epilogue (rank_down's spills there).
+_SKINNY_16BIT = [
+    (256, 64, 8, 3), (256, 32, 8, 4), (128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 8, 4),
+    (64, 128, 4, 4), (64, 64, 4, 3), (32, 128, 4, 4), (32, 32, 4, 3), (16, 32, 4, 3),
+]
+_SKINNY_BLOCKS = {
+    "rank_down": {"16-bit": _SKINNY_16BIT},
+    "row_reduction": {"16-bit": _SKINNY_16BIT + [(64, 32, 8, 3)]},
+}
+for _blocks in _SKINNY_BLOCKS.values():
+    _blocks.update({
+        # Rows not 16-byte aligned load without vectors (nor async copies): smaller steps, or spills.
+        "16-bit, unaligned": [(128, 64, 8, 3), (128, 32, 8, 4), (64, 32, 8, 3), (32, 32, 4, 3), (16, 32, 4, 3)],
+        "float32": [(32, 32, 8, 3), (16, 64, 4, 3), (16, 32, 4, 3)],
+        "float64": [(16, 8, 4, 1)],
+    })  # fmt: skip
+_INTERPRETER_SKINNY_BLOCKS = [(32, 32, 4, 1)]
+
+
+def _registers_fit(tile: int, step: int, rank_pad: int, warps: int, size: int, epilogue_operand: bool) -> bool:
+    """Whether a skinny kernel compiles without spilling on an H100 (calibrated on ptxas, see
+    tests/linear_hopper_compile.py): the accumulator and the ``[step, r]`` operand converted in
+    registers share a thread's registers, and an epilogue that reads a tile of the accumulator's
+    shape (row_reduction's w) needs room for it; products of float32 (on CUDA cores) hold their
+    operands in registers too."""
+    threads = 32 * warps
+    accumulator, operand = tile * rank_pad / threads, step * rank_pad / threads
+    if size == 2:
+        return accumulator + max(operand, accumulator if epilogue_operand else 0) <= 160
+    return accumulator + operand <= 48
+
+
+def _skinny_candidates(kernel, extent, length, rank_pad, size, skinny_size, device, aligned=True,
+                       epilogue_operand=False) -> list[Config]:  # fmt: skip
+    """Configs of a skinny kernel whose ``[tile, rank_pad]`` accumulator covers ``extent`` in
+    tiles and loops over ``length`` in steps (split across programs where the tiles are few)."""
+    if _triton_interpreted():
+        split = 1 if torch.are_deterministic_algorithms_enabled() else 2  # covers the atomics
+        return [Config.of(w, s, split, TILE=t, STEP=k) for t, k, w, s in _INTERPRETER_SKINNY_BLOCKS]
+    name = {2: "16-bit" if aligned else "16-bit, unaligned", 4: "float32", 8: "float64"}[size]
+    configs = []
+    extent_pad = max(16, _next_power_of_2(extent))
+    for tile, step, warps, stages in _SKINNY_BLOCKS[kernel][name]:
+        if tile > extent_pad or (size == 2 and tile < min(64, extent_pad)):  # small 16-bit tiles: small extents
+            continue
+        if not _registers_fit(tile, step, rank_pad, warps, size, epilogue_operand):
+            continue
+        if stages * (tile * step * size + step * rank_pad * skinny_size) > _SHARED_BYTES:
+            continue
+        splits = [1] if size == 8 else _split_choices(_cdiv(extent, tile), _cdiv(length, step), device)
+        configs += [Config.of(warps, stages, split, TILE=tile, STEP=step) for split in reversed(splits)]
+    assert configs, f"no {name} configuration for extent {extent} and rank {rank_pad}"
+    # Untuned (SORSA_KERNELS_AUTOTUNE=0) the first wins: one that fills the GPU.
+    return configs
+
+
+def rank_down(a, b, out, config: Config | None = None):
     """``out = a·b``: a ``[M, K]`` (any float dtype), b ``[K, r]`` (any float dtype; wider than a's,
-    it enters as a's rounding plus the residue), out ``[M, r]`` in a's accumulation dtype; any strides."""
+    it enters as a's rounding plus the residue), out ``[M, r]`` in a's accumulation dtype; any strides.
+    ``config`` overrides the tuned choice (see :func:`rank_down_candidates`)."""
     rows, inner = a.shape
     rank = b.shape[1]
-
-    def grid(meta):
-        return (triton.cdiv(rows, meta["BLOCK_M"]), meta["SPLIT"])
-
-    _rank_down_kernel[grid](
-        a, b, out,
-        rows, inner, rank, _row_bucket(rows),
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        RANK_PAD=_rank_pad(rank), PRECISION=_dot_precision(a.dtype),
+    a_strides, b_strides = a.stride(), b.stride()
+    if config is None:
+        key = ("down", a.get_device(), a.dtype, b.dtype, _row_bucket(rows), inner, rank, _aligned(a, a_strides),
+               a_strides[1] == 1, b_strides[0] == 1)  # fmt: skip
+        config = _choose(key, lambda: rank_down_candidates(a, b), lambda c: rank_down(a, b, out, c))
+    meta = config.kwargs
+    if config.split > 1:
+        out.zero_()
+    _rank_down_kernel[(_cdiv(rows, meta["TILE"]), config.split)](
+        a, b, out, rows, inner, rank, *a_strides, *b_strides, *out.stride(), config.split,
+        RANK_PAD=_rank_pad(rank), PRECISION=_dot_precision(a.dtype), **meta,
     )  # fmt: skip
     return out
+
+
+def rank_down_candidates(a, b) -> list[Config]:
+    """The configurations :func:`rank_down` chooses among for these operands."""
+    rows, inner = a.shape
+    return _skinny_candidates(
+        "rank_down", rows, inner, _rank_pad(b.shape[1]), a.element_size(), b.element_size(), a.device, _aligned(a, a.stride())
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # row_reduction: out[P, r] = Σ_m a[m, P]ᵀ (t[m, r]·scale) ⊙ S, red[r] = Σ_p (Σ_m ...)[p, r]·w[p, r]
 
 
-_REDUCTION_CLASSES = _skinny_classes(
-    {  # (BLOCK_P, BLOCK_M, warps, stages)
-        "16-bit": [(128, 64, 8, 3), (64, 64, 4, 3), (256, 32, 8, 3), (128, 32, 8, 4), (64, 32, 8, 3)],
-        "float32": [(32, 32, 8, 3), (64, 32, 8, 3), (32, 32, 4, 3), (16, 32, 8, 3)],
-        "float64": [(16, 8, 4, 1)],
-    },
-    tile="BLOCK_P",
-    step="BLOCK_M",
-)
-_prune_reduction = _skinny_prune(
-    _REDUCTION_CLASSES,
-    "BLOCK_P",
-    "BLOCK_M",
-    tiled=lambda args: args["P"],
-    split=lambda args: args["M_BUCKET"],
-    skinny="t_ptr",
-)
-
-
-@_autotune(
-    [c for configs in _REDUCTION_CLASSES.values() for c in configs],
-    _config(_zero_atomic_targets, BLOCK_P=32, BLOCK_M=32, SPLIT=2),
-    key=["M_BUCKET", "P", "RANK_PAD", "stride_ap"],
-    prune=_prune_reduction,
-)
-@triton.jit(do_not_specialize=["M_BUCKET"])
+@triton.jit
 def _row_reduction_kernel(
     a_ptr, t_ptr, s_ptr, w_ptr, out_ptr, red_ptr,
-    M, P, RANK, scale_hi, scale_lo, M_BUCKET,
+    M, P, RANK, scale_hi, scale_lo,
     stride_am, stride_ap, stride_tm, stride_tr, stride_wp, stride_wr, stride_op, stride_or,
     SPLIT,  # runtime: one compiled kernel serves every split (1 is specialized, with plain stores)
     RANK_PAD: tl.constexpr, HAS_S: tl.constexpr, HAS_REDUCTION: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr,
+    TILE: tl.constexpr, STEP: tl.constexpr,
 ):  # fmt: skip
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     ACC: tl.constexpr = out_ptr.dtype.element_ty
     pid_p = tl.program_id(0)
     pid_m = tl.program_id(1)
     # Program pid_m of SPLIT reduces one contiguous range of whole row blocks.
-    m_span = tl.cdiv(tl.cdiv(M, BLOCK_M), SPLIT) * BLOCK_M
+    m_span = tl.cdiv(tl.cdiv(M, STEP), SPLIT) * STEP
     m_start = pid_m * m_span
     m_end = min(M, m_start + m_span)
 
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_p = pid_p * TILE + tl.arange(0, TILE)
     cols = (offs_p % P).to(tl.int64)
     ranks = tl.arange(0, RANK_PAD)
     in_rank = ranks < RANK
     scale = _scale(scale_hi, scale_lo, ACC)
-    acc = tl.zeros((BLOCK_P, RANK_PAD), dtype=ACC)
-    for m in range(m_start, m_end, BLOCK_M):
-        offs_m = m + tl.arange(0, BLOCK_M)
+    acc = tl.zeros((TILE, RANK_PAD), dtype=ACC)
+    for m in range(m_start, m_end, STEP):
+        offs_m = m + tl.arange(0, STEP)
         in_rows = offs_m < m_end
         rows = offs_m.to(tl.int64)
         a_t = tl.load(a_ptr + cols[:, None] * stride_ap + rows[None, :] * stride_am, mask=in_rows[None, :], other=0.0)
@@ -535,28 +723,43 @@ def _row_reduction_kernel(
         tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
 
 
-def row_reduction(a, t, S, scale, out, w=None, red=None):
-    """``out = scale·aᵀ t ⊙ S`` reducing over the M rows; with ``w``, also ``red = scale·Σ_p (aᵀ t)⊙w``.
+def row_reduction(a, t, S, scale, out, w=None, red=None, config: Config | None = None):
+    """``out = scale·aᵀ t ⊙ S`` reducing over the M rows; with ``w``, also ``red += scale·Σ_p (aᵀ t)⊙w``.
 
     a ``[M, P]`` (any float dtype), t ``[M, r]`` (rounded to a's dtype after the scale), S ``[r]``
-    or ``None``, out ``[P, r]`` and red ``[r]`` in a's accumulation dtype, w ``[P, r]``; any strides.
+    or ``None``, out ``[P, r]`` and red ``[r]`` (zeroed by the caller) in a's accumulation dtype,
+    w ``[P, r]``; any strides. ``config`` overrides the tuned choice (see
+    :func:`row_reduction_candidates`).
     """
     rows, columns = a.shape
     rank = t.shape[1]
+    a_strides = a.stride()
+    if config is None:
+        key = ("reduction", a.get_device(), a.dtype, _row_bucket(rows), columns, rank, _aligned(a, a_strides),
+               a_strides[1] == 1, w is None)  # fmt: skip
+        config = _choose(key, lambda: row_reduction_candidates(a, t, w is not None),
+                         lambda c: row_reduction(a, t, S, scale, out, w, red, c), None if red is None else red.zero_)  # fmt: skip
+    meta = config.kwargs
     scale_hi, scale_lo = _float32_pair(scale)
-
-    def grid(meta):
-        return (triton.cdiv(columns, meta["BLOCK_P"]), meta["SPLIT"])
-
-    _row_reduction_kernel[grid](
-        a, t, S, w, out, red,
-        rows, columns, rank, scale_hi, scale_lo, _row_bucket(rows),
-        a.stride(0), a.stride(1), t.stride(0), t.stride(1),
-        *(w.stride() if w is not None else (0, 0)), out.stride(0), out.stride(1),
+    if config.split > 1:
+        out.zero_()
+    _row_reduction_kernel[(_cdiv(columns, meta["TILE"]), config.split)](
+        a, t, S, w, out, red, rows, columns, rank, scale_hi, scale_lo,
+        *a_strides, *t.stride(), *(w.stride() if w is not None else (0, 0)), *out.stride(), config.split,
         RANK_PAD=_rank_pad(rank), HAS_S=S is not None, HAS_REDUCTION=w is not None,
-        PRECISION=_dot_precision(a.dtype),
+        PRECISION=_dot_precision(a.dtype), **meta,
     )  # fmt: skip
     return out
+
+
+def row_reduction_candidates(a, t, reduction: bool = False) -> list[Config]:
+    """The configurations :func:`row_reduction` chooses among for these operands (``reduction``:
+    with ``w`` and ``red``)."""
+    rows, columns = a.shape
+    return _skinny_candidates(
+        "row_reduction", columns, rows, _rank_pad(t.shape[1]), a.element_size(), t.element_size(), a.device,
+        _aligned(a, a.stride()), reduction,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,7 +773,9 @@ def _contiguous(vector):
 def _on_device_of(tensor):
     """Triton launches on the current CUDA device: make it the tensors' (layers of one model may
     sit on several GPUs)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+    if tensor.is_cuda and tensor.device.index != torch.cuda.current_device():
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
 
 
 def forward(x, weight, U, S, Vt, bias, scale):
@@ -599,10 +804,9 @@ def _backward(dy, x, z, weight, U, S, Vt, scale, needs):
     dx = dU = dS = dVt = None
     if need_dU or need_dS:
         dU_acc = U.new_empty(U.shape, dtype=acc)
-        dS_acc = S.new_empty(S.shape, dtype=acc) if need_dS else None
+        dS_acc = S.new_zeros(S.shape, dtype=acc) if need_dS else None
         if rows == 0:
             dU_acc.zero_()
-            dS_acc = None if dS_acc is None else dS_acc.zero_()
         else:
             row_reduction(dy, z, S, scale, dU_acc, w=U if need_dS else None, red=dS_acc)
         dU = dU_acc.to(U.dtype) if need_dU else None

@@ -1,0 +1,148 @@
+"""The six kernel launches of one ``sorsa_linear`` training step, each with its candidate
+configurations and a float32 PyTorch reference: what the sweep times config by config, what
+tune_linear times alone, what the GPU test checks for every configuration and what the sm_90
+compile check compiles (on meta tensors)."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from triton.backends.compiler import GPUTarget
+
+from sorsa_kernels.reference.linear import accumulation_dtype
+from sorsa_kernels.triton import linear as kernels
+
+
+@dataclass
+class Product:
+    """One launch: ``launch(config)`` writes ``outputs`` (``config=None``: the tuned choice);
+    ``reference()`` computes them with PyTorch in float32; ``bytes`` is what the launch must
+    read and write at the least; ``flops`` its multiply-add work."""
+
+    name: str
+    launch: Callable
+    candidates: list
+    outputs: tuple
+    reference: Callable
+    bytes: int
+    flops: int
+
+
+def step_products(x, weight, U, S, Vt, dy, scale, *, rank_zero=False) -> list[Product]:
+    """The launches of one step on these inputs (2-D x ``[M, in]``, dy ``[M, out]``), in the
+    order the step runs them; the inputs z and g of later launches are produced by earlier ones.
+    ``rank_zero``: y and dx without the rank tail (the bare GEMMs of the extended kernel)."""
+    rows, in_features = x.shape
+    out_features, rank = U.shape
+    acc = accumulation_dtype(x.dtype)
+    z = torch.empty(rows, rank, dtype=acc, device=x.device)
+    g = torch.empty_like(z)
+    y, dx = torch.empty_like(dy), torch.empty_like(x)
+    dU, dS, dVt = (torch.empty(t.shape, dtype=acc, device=x.device) for t in (U, S, Vt))
+    tail = slice(0, 0) if rank_zero else slice(None)
+    z_tail, g_tail = z[:, tail], g[:, tail]
+    size, adapter = x.element_size(), U.element_size()
+
+    def scaled(t):
+        return t * (S.to(acc) * scale)
+
+    def y_reference():
+        out = F.linear(x, weight).to(acc)
+        return ((out + scaled(x.to(acc) @ Vt.to(acc).T) @ U.to(acc).T) if not rank_zero else out).to(x.dtype)
+
+    def dx_reference():
+        out = (dy @ weight).to(acc)
+        return ((out + scaled(dy.to(acc) @ U.to(acc)) @ Vt.to(acc)) if not rank_zero else out).to(x.dtype)
+
+    def dU_reference():
+        raw = dy.to(acc).T @ (x.to(acc) @ Vt.to(acc).T) * scale
+        return raw * S.to(acc), (raw * U.to(acc)).sum(0)
+
+    def dVt_reference():
+        return (x.to(acc).T @ (dy.to(acc) @ U.to(acc) * scale) * S.to(acc)).T
+
+    def reduction(c):
+        dS.zero_()  # row_reduction adds into it
+        return kernels.row_reduction(dy, z, S, scale, dU, U, dS, c)
+
+    gemm_flops = 2 * rows * in_features * out_features
+    tail_flops = 0 if rank_zero else 2 * rows * rank * max(in_features, out_features)
+    return [
+        Product("z", lambda c=None: kernels.rank_down(x, Vt.T, z, c), kernels.rank_down_candidates(x, Vt.T), (z,),
+                lambda: (x.to(acc) @ Vt.to(acc).T,), rows * in_features * size + rank * in_features * adapter,
+                2 * rows * in_features * rank),
+        Product("y", lambda c=None: kernels.extended_matmul(x, weight.T, z_tail, U.T[tail], S[tail], scale, None, y, c),
+                kernels.matmul_candidates(x, weight.T, y), (y,), lambda: (y_reference(),),
+                (rows * (in_features + out_features) + in_features * out_features) * size, gemm_flops + tail_flops),
+        Product("dU+dS", reduction, kernels.row_reduction_candidates(dy, z, reduction=True), (dU, dS), dU_reference,
+                rows * out_features * size + rows * rank * 4, 2 * rows * out_features * rank),
+        Product("g", lambda c=None: kernels.rank_down(dy, U, g, c), kernels.rank_down_candidates(dy, U), (g,),
+                lambda: (dy.to(acc) @ U.to(acc),), rows * out_features * size + rank * out_features * adapter,
+                2 * rows * out_features * rank),
+        Product("dx", lambda c=None: kernels.extended_matmul(dy, weight, g_tail, Vt[tail], S[tail], scale, None, dx, c),
+                kernels.matmul_candidates(dy, weight, dx), (dx,), lambda: (dx_reference(),),
+                (rows * (in_features + out_features) + in_features * out_features) * size, gemm_flops + tail_flops),
+        Product("dVt", lambda c=None: kernels.row_reduction(x, g, S, scale, dVt.T, config=c),
+                kernels.row_reduction_candidates(x, g), (dVt,), lambda: (dVt_reference(),),
+                rows * in_features * size + rows * rank * 4, 2 * rows * in_features * rank),
+    ]  # fmt: skip
+
+
+def compiled_variants(product: Product) -> list:
+    """The candidates of ``product`` with, for each unsplit skinny one, a split twin: a split is
+    a runtime argument, but 1 compiles its own binary (plain stores), and which splits are
+    candidates depends on the GPU's SM count (on meta tensors: none)."""
+    twins = [dataclasses.replace(c, split=2) for c in product.candidates if not c.tma and "TILE" in c.kwargs and c.split == 1]
+    return product.candidates + [t for t in twins if t not in product.candidates]
+
+
+def gpu_target():
+    """This machine's CUDA target read from nvidia-smi, so that the caller may still fork before
+    it initializes CUDA (``None`` without a visible GPU)."""
+    try:
+        line = subprocess.run(
+            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True, text=True, check=True
+        ).stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return None
+    major, minor = line.split(".")
+    return GPUTarget("cuda", int(major) * 10 + int(minor), 32)
+
+
+def precompile(cases, *, sweep=False, workers=None) -> tuple[int, list[str]]:
+    """Compile, in parallel processes, every candidate launch of the six products for each case
+    ``(M, in, out, r, x dtype, adapter dtype)`` for this machine's GPU, into Triton's cache; with
+    ``sweep`` also what bench/sweep_linear.py times besides (the GEMMs without the rank tail, and
+    with the pointer kernel's configurations). Call it before this process initializes CUDA (it
+    forks). Returns the number of launches and the errors met (none compile twice)."""
+    try:
+        from sorsa_kernels.benchmark.precompile import captured_launches, compile_all
+    except ImportError as error:  # triton's compiler internals it uses changed
+        return 0, [f"this triton cannot precompile ({error}): kernels compile on first launch"]
+    target = gpu_target()
+    if target is None:
+        return 0, ["no GPU visible to nvidia-smi: nothing precompiled"]
+    kernels_ = [kernels._extended_matmul_kernel, kernels._extended_matmul_tma_kernel,
+                kernels._rank_down_kernel, kernels._row_reduction_kernel]  # fmt: skip
+    with captured_launches(kernels_) as launches:
+        for rows, in_features, out_features, rank, dtype, adapter_dtype in cases:
+            meta = dict(device="meta")
+            x = torch.empty(rows, in_features, dtype=dtype, **meta)
+            weight = torch.empty(out_features, in_features, dtype=dtype, **meta)
+            U, S = torch.empty(out_features, rank, dtype=adapter_dtype, **meta), torch.empty(rank, dtype=adapter_dtype, **meta)
+            Vt = torch.empty(rank, in_features, dtype=adapter_dtype, **meta)
+            dy = torch.empty(rows, out_features, dtype=dtype, **meta)
+            for bare in (False, True) if sweep else (False,):
+                for product in step_products(x, weight, U, S, Vt, dy, 0.5, rank_zero=bare):
+                    configs = compiled_variants(product)
+                    if sweep and product.name in ("y", "dx"):
+                        configs += kernels._matmul_candidates(rows, x.element_size(), tma=False)
+                    for config in configs:
+                        product.launch(config)
+    results = compile_all(launches, target, workers)
+    return len(launches), sorted({r for r in results if isinstance(r, str)})

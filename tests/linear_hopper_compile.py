@@ -1,0 +1,84 @@
+"""Compile every candidate configuration of the sorsa_linear Triton kernels for sm_90 (H100)
+without a GPU, as test_linear runs it in a subprocess (TRITON_INTERPRET must be unset): each must
+fit the shared memory of one H100 block, and those of 16-bit and float32 operands must compile
+without register spills (no stack frame in the cubin, per cuobjdump). The six launches of a training step run on meta tensors with
+their kernel launches captured, so the arguments, specializations and configurations are exactly
+those a GPU launch compiles. Prints one line per compiled kernel.
+"""
+
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON_INTERPRET"
+
+import torch  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from sorsa_kernels.benchmark.linear_products import compiled_variants, step_products  # noqa: E402
+from sorsa_kernels.benchmark.precompile import captured_launches, compile_all, resource_usage  # noqa: E402
+from sorsa_kernels.triton import linear  # noqa: E402
+
+H100_SHARED_BYTES = 232448
+KERNELS = [linear._extended_matmul_kernel, linear._extended_matmul_tma_kernel, linear._rank_down_kernel, linear._row_reduction_kernel]
+# (x dtype, adapter dtype, M, in, out, rank): the training shapes' classes (the smallest, the
+# largest and an oversized rank), unaligned rows, decode, and the other dtypes. (float16
+# compiles as bfloat16.)
+CASES = [
+    *((torch.bfloat16, torch.float32, 4096, 4096, 11008, rank) for rank in (16, 128, 256)),
+    (torch.bfloat16, torch.bfloat16, 4096, 4096, 4096, 128),
+    *((torch.bfloat16, torch.float32, rows, 4100, 4096, 128) for rows in (4096, 8)),  # rows not 16-byte aligned
+    *((torch.float32, torch.float32, rows, 4095, 1027, 128) for rows in (1000, 8)),
+    (torch.bfloat16, torch.float32, 8, 4096, 4096, 128),
+    *((torch.float32, torch.float32, rows, 4096, 4096, 128) for rows in (4096, 8)),
+    (torch.float64, torch.float64, 512, 256, 256, 32),
+]
+
+
+def launches_of(case):
+    dtype, adapter_dtype, rows, in_features, out_features, rank = case
+    meta = dict(device="meta")
+    x = torch.empty(rows, in_features, dtype=dtype, **meta)
+    weight = torch.empty(out_features, in_features, dtype=dtype, **meta)
+    U, S = torch.empty(out_features, rank, dtype=adapter_dtype, **meta), torch.empty(rank, dtype=adapter_dtype, **meta)
+    Vt = torch.empty(rank, in_features, dtype=adapter_dtype, **meta)
+    dy = torch.empty(rows, out_features, dtype=dtype, **meta)
+    labelled = []
+    with captured_launches(KERNELS) as launches:
+        for product in step_products(x, weight, U, S, Vt, dy, 0.5):
+            assert product.candidates, f"{product.name}: no candidate configuration for {case}"
+            for config in compiled_variants(product):
+                del launches[:]
+                product.launch(config)
+                label = f"{product.name} {dtype}/{adapter_dtype} M={rows} r={rank} [{config}]"
+                labelled += [(label, launch) for launch in launches]
+    return labelled
+
+
+def usage(compiled):
+    return compiled.metadata.shared, *resource_usage(compiled.asm["cubin"])
+
+
+def main():
+    labelled = [item for case in CASES for item in launches_of(case)]
+    results = compile_all([launch for _, launch in labelled], GPUTarget("cuda", 90, 32), summarize=usage)
+    failures, seen = 0, set()
+    for (label, launch), result in zip(labelled, results):
+        if launch.key() in seen:
+            continue
+        seen.add(launch.key())
+        if isinstance(result, str):
+            failed, line = True, f"error {result}"
+        else:
+            shared, registers, stack = result
+            first = launch.args[0]
+            strict = getattr(first, "base", first).dtype != torch.float64  # float64 may spill: a correctness path
+            failed = shared > H100_SHARED_BYTES or (strict and stack > 0)
+            line = f"shared {shared} registers {registers} stack {stack}"
+        failures += failed
+        print(f"{'FAIL' if failed else 'ok  '} {label}: {line}", flush=True)
+    print(f"{len(seen)} kernels, {failures} failures")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
