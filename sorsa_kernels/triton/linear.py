@@ -387,15 +387,10 @@ _POINTER_BLOCKS = {
 # pipelined TAIL_STAGES deep. (Triton 3.6 neither flattens the tile and K loops nor
 # warp-specializes them on Hopper once the rank tail adds a second inner loop: the one fails to
 # compile, the other allocates twice the shared memory there is.)
-TMA_BLOCKS = [
+TMA_BLOCKS = [  # the H100 sweep's winners (bench/sweep_linear.py) over the bench shapes
     (128, 256, 64, 8, 3, 8, False, "subtile", 32, 2),
     (128, 256, 64, 8, 3, 8, False, "subtile", 64, 1),
-    (128, 256, 64, 8, 3, 16, False, "subtile", 32, 2),
     (128, 256, 64, 8, 3, 8, True, "subtile", 32, 2),
-    (256, 128, 64, 8, 3, 8, True, "subtile", 32, 2),
-    (128, 128, 64, 8, 4, 8, True, "tma", 64, 2),
-    (128, 128, 64, 8, 3, 8, False, "pointer", 64, 1),
-    (128, 128, 64, 4, 3, 8, False, "pointer", 32, 1),
 ]
 # Under the interpreter: small tiles, every grid and epilogue.
 _INTERPRETER_TMA_BLOCKS = [
@@ -422,7 +417,7 @@ def _matmul_candidates(rows: int, size: int, tma: bool, aligned: bool = True) ->
         if tma:
             return [_tma_config(*b) for b in _INTERPRETER_TMA_BLOCKS]
         return [Config.of(4, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)]
-    if tma:
+    if tma and rows > 64:  # a TMA tile is 128 rows: decode shapes take the few-row pointer tiles
         return [_tma_config(*b) for b in TMA_BLOCKS]
     if size == 8:
         name = "float64"
@@ -587,9 +582,8 @@ def _rank_down_kernel(
 # re-read of the [·, r] operand small; the pruning drops tiles whose accumulator would spill and
 # steps whose pipelined operands overflow shared memory. row_reduction adds a tile of 8 warps for
 # ranks above 128 under its dS epilogue (rank_down's spills there).
-_SKINNY_16BIT = [
-    (256, 64, 8, 3), (256, 32, 8, 4), (128, 128, 8, 3), (128, 64, 8, 3), (128, 32, 8, 4),
-    (64, 128, 4, 4), (64, 64, 4, 3), (32, 128, 4, 4), (32, 32, 4, 3), (16, 32, 4, 3),
+_SKINNY_16BIT = [  # the H100 sweep's winners (bench/sweep_linear.py), then tiles for small extents
+    (256, 64, 8, 3), (256, 32, 8, 4), (128, 128, 8, 3), (128, 32, 8, 4), (64, 64, 4, 3), (32, 32, 4, 3), (16, 32, 4, 3),
 ]
 _SKINNY_BLOCKS = {
     "rank_down": {"16-bit": _SKINNY_16BIT},
@@ -637,7 +631,9 @@ def _skinny_candidates(kernel, extent, length, rank_pad, size, skinny_size, devi
             continue
         splits = [1] if size == 8 else _split_choices(_cdiv(extent, tile), _cdiv(length, step), device)
         configs += [Config.of(warps, stages, split, TILE=tile, STEP=step) for split in reversed(splits)]
-    assert configs, f"no {name} configuration for extent {extent} and rank {rank_pad}"
+    if not configs:  # wide ranks of float32: every tile spills; the smallest is slow but right
+        tile, step, warps, stages = _SKINNY_BLOCKS[kernel][name][-1]
+        configs = [Config.of(warps, 1, 1, TILE=tile, STEP=step)]
     # Untuned (SORSA_KERNELS_AUTOTUNE=0) the first wins: one that fills the GPU.
     return configs
 
