@@ -109,10 +109,33 @@ def plot_linear(path: Path, data: dict) -> str:
     return f"![adapter linear vs peers](bench/{image.name})"
 
 
+def render_ortho(path: Path, data: dict) -> str:
+    header = ["adapter set", "matrices", "ours ms (grad_ path)", "Python loop ms", "speedup", "bytes floor ms",
+              "ours / floor", "host ms", "rel. error vs float64"]
+    body = [[r["set"], str(r["n"]), f"{r['ms_grad_']:.3f}", f"{r['ms_loop']:.1f}", f"{r['speedup']:.0f}×",
+             f"{r['floor_ms']:.3f}", f"{r['ours/floor']:.2f}", f"{r['host_ms']:.3f}", f"{r['rel_err']:.1e}"]
+            for r in data["rows"]]
+    return provenance(path, data) + "\n\n" + markdown_table(header, body)
+
+
+def render_init(path: Path, data: dict) -> str:
+    header = ["method", "seconds", "excess residual error", "max σ error", "extra GPU MB", "note"]
+    shown = [r for r in data["rows"] if not r["method"].startswith(("products:", "small ", "residual write:", "build "))]
+
+    def number(value, spec):
+        return "–" if value is None else format(value, spec)
+
+    body = [[r["method"], number(r["seconds"], ".3f"), number(r["excess_max"], ".1e"), number(r["sigma_error_max"], ".1e"),
+             number(r["peak_extra_mb"], ".0f"), r["note"]] for r in shown]
+    return provenance(path, data) + "\n\n" + markdown_table(header, body)
+
+
 SECTIONS = {
     "linear-train": ("linear", [render_linear_training]),
     "linear-plot": ("linear", [plot_linear]),
     "linear-infer": ("linear", [render_linear_inference]),
+    "ortho": ("ortho", [render_ortho]),
+    "init": ("init", [render_init]),
 }
 
 
