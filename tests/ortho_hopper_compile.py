@@ -27,21 +27,36 @@ from sorsa_kernels.triton import ortho  # noqa: E402
 
 H100_SHARED_BYTES = 232448
 ALIGNED_POINTERS = [["tt.divisibility", 16]]
-POINTERS = {"mats": "*i64", "outs": "*i64", "work": "*i32", "queue": "*i32", "arrivals": "*i32", "grams": "*fp32",
+POINTERS = {"mats": "*i64", "outs": "*i64", "work": "*i32", "queue": "*i32", "arrivals": "*i32", "deviations": "*fp32",
             "norms": "*fp32", "value": "*fp32", "scale": "*fp32"}
 FLOATS = {"coeff_hi": "fp32", "coeff_lo": "fp32"}
 INT64 = {"out_base": "i64"}
 
 
+def triton_ptxas() -> str:
+    """The ptxas Triton compiles with (its own, or the one TRITON_PTXAS_PATH names), whose PTX
+    version matches the PTX Triton writes."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(90).path
+    except ImportError:  # triton < 3.4
+        from triton.backends.nvidia.compiler import _path_to_binary
+
+        return _path_to_binary("ptxas")[0]
+
+
 def ptxas_usage(ptx: str) -> tuple[int, int]:
     """(registers, spill bytes) of the kernel, from ptxas -v."""
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         source = os.path.join(tmp, "kernel.ptx")
         with open(source, "w") as f:
             f.write(ptx)
-        report = subprocess.run([ptxas, "--gpu-name", "sm_90a", "-v", source, "-o", os.path.join(tmp, "k.cubin")],
-                                capture_output=True, text=True, check=True).stderr
+        result = subprocess.run([triton_ptxas(), "--gpu-name", "sm_90a", "-v", source, "-o", os.path.join(tmp, "k.cubin")],
+                                capture_output=True, text=True)  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"ptxas failed:\n{result.stderr}")
+        report = result.stderr
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report))
     return registers, spills

@@ -298,6 +298,25 @@ def test_every_candidate_config(rows, in_features, out_features, rank, dtype):
         product.launch(product.candidates[0])  # the input of later products: computed as the step would
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_gpu_candidates_cover_every_shape(monkeypatch):
+    """Every dtype, row count, rank and alignment has a launch configuration on a GPU (the lists
+    there are pruned by shape; the interpreter has its own)."""
+    from sorsa_kernels.triton import linear
+
+    monkeypatch.setattr(linear, "_triton_interpreted", lambda: False)
+    for size in (2, 4, 8):
+        for rows in (1, 3, 16, 64, 65, 1000, 65537):
+            for aligned in (True, False):
+                assert linear._matmul_candidates(rows, size, tma=False, aligned=aligned), (size, rows, aligned)
+                for rank in (1, 7, 128, 256):
+                    for kernel in ("rank_down", "row_reduction"):
+                        assert linear._skinny_candidates(
+                            kernel, rows, 4099, linear._rank_pad(rank), size, 4, torch.device("cpu"), aligned,
+                            epilogue_operand=kernel == "row_reduction",
+                        ), (kernel, size, rows, rank, aligned)  # fmt: skip
+
+
 @pytest.mark.slow  # a few minutes on two cores with a cold Triton cache: hundreds of kernels
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_kernels_compile_for_hopper_without_spills():

@@ -121,23 +121,23 @@ def _factor_set(Us, Vts, form) -> tuple[list, list, _FactorSet]:
 
 
 class OrthoRegFunction(torch.autograd.Function):
-    """Differentiable regularizer whose backward reuses the forward's Gram matrices and norms."""
+    """Differentiable regularizer whose backward reuses the forward's deviations ``G − I`` and norms."""
 
     @staticmethod
     def forward(ctx, form, backend, factor_set, num_Us, *factors):
         Us, Vts = factors[:num_Us], factors[num_Us:]
         plan = factor_set.plan(backend, Us, Vts)
-        value, grams, norms = implementation("ortho_reg", backend).forward(plan, Us, Vts, form)
-        ctx.save_for_backward(grams, norms, *factors)
+        value, deviations, norms = implementation("ortho_reg", backend).forward(plan, Us, Vts, form)
+        ctx.save_for_backward(deviations, norms, *factors)
         ctx.form, ctx.backend, ctx.plan, ctx.num_Us = form, backend, plan, num_Us
         return value
 
     @staticmethod
     def backward(ctx, grad_value):
-        grams, norms, *factors = ctx.saved_tensors
+        deviations, norms, *factors = ctx.saved_tensors
         k = ctx.num_Us
         grads = implementation("ortho_reg", ctx.backend).backward(
-            ctx.plan, factors[:k], factors[k:], grams, norms, ctx.form, grad_value, ctx.needs_input_grad[4:]
+            ctx.plan, factors[:k], factors[k:], deviations, norms, ctx.form, grad_value, ctx.needs_input_grad[4:]
         )
         return (None, None, None, None, *grads)
 

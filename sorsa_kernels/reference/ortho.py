@@ -11,21 +11,25 @@ over all ``n`` matrices:
 Backend interface of ``ortho_reg`` (every backend module implements these four functions). The
 factors come in their own orientation: ``Us`` (each ``[L, r]``) then ``Vts`` (each ``[r, L]``), any
 strides, mixed shapes and float dtypes, all on one device; "matrix i" counts the Us first. Values,
-Gram matrices and norms are float32 (float64 when any factor is float64).
+deviations ``D_i`` and norms are float32 (float64 when any factor is float64).
+
+Accuracy: adapters stay near orthonormal, where ``G − I`` cancels all but the last digits of
+``G``'s diagonal, so ``D`` is never computed as a float32 ``G`` less ``I``: its diagonal comes
+from float64 sums of squares.
 
 ``prepare(Us, Vts) -> plan``
     Whatever the backend wants to reuse across calls. The ops layer caches the plan for these
     parameter tensors and hands it back only while each keeps its storage (so device-side
     pointer tables stay valid).
 
-``forward(plan, Us, Vts, form) -> (value, grams, norms)``
-    The penalty's value (0-dim), every ``G_i`` zero-padded to a common width ``W >= max r_i``
+``forward(plan, Us, Vts, form) -> (value, deviations, norms)``
+    The penalty's value (0-dim), every ``D_i`` zero-padded to a common width ``W >= max r_i``
     of the backend's choice (``[n, W, W]``) and every ``‖D_i‖_F`` (``[n]``).
 
-``backward(plan, Us, Vts, grams, norms, form, scale, wanted) -> list``
+``backward(plan, Us, Vts, deviations, norms, form, scale, wanted) -> list``
     ``scale·∂P/∂factor`` for every factor whose entry of ``wanted`` is true (None for the others),
-    shaped like the factor, in its dtype; ``scale`` is a 0-dim tensor on the device, ``grams`` and
-    ``norms`` come from :func:`forward` for these factors.
+    shaped like the factor, in its dtype; ``scale`` is a 0-dim tensor on the device,
+    ``deviations`` and ``norms`` come from :func:`forward` for these factors.
 
 ``step_(plan, Us, Vts, form, coeff, outs) -> value``
     Adds ``coeff·∂P/∂factor`` (``coeff`` a Python float) into ``outs[i]`` for every factor ``i``
@@ -52,15 +56,6 @@ def gram_dtype(mats: Sequence[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(m.dtype == torch.float64 for m in mats) else torch.float32
 
 
-def deviation_norms(grams: torch.Tensor, ranks) -> torch.Tensor:
-    """``‖G_i − I_{r_i}‖_F`` for every zero-padded Gram matrix of the stack ``grams [n, R, R]``."""
-    ranks = torch.as_tensor(ranks, device=grams.device)
-    width = grams.shape[-1]
-    deviation = grams.clone()
-    deviation.diagonal(dim1=-2, dim2=-1).sub_((torch.arange(width, device=grams.device) < ranks.unsqueeze(1)).to(grams.dtype))
-    return torch.linalg.matrix_norm(deviation)
-
-
 def penalty_value(norms: torch.Tensor, form: str) -> torch.Tensor:
     """The regularizer's value from every ``‖D_i‖_F``."""
     return norms.square().sum() if form == "squared" else norms.mean()
@@ -82,17 +77,19 @@ def forward(plan, Us, Vts, form):
     mats = factor_matrices(Us, Vts)
     acc = gram_dtype(mats)
     rank = max(m.shape[1] for m in mats)
-    grams = mats[0].new_zeros((len(mats), rank, rank), dtype=acc)
+    deviations = mats[0].new_zeros((len(mats), rank, rank), dtype=acc)
     for i, m in enumerate(mats):
         x = m.to(acc)
         r = m.shape[1]
-        grams[i, :r, :r] = x.T @ x
-    norms = deviation_norms(grams, [m.shape[1] for m in mats])
-    return penalty_value(norms, form), grams, norms
+        deviation = deviations[i, :r, :r]
+        torch.mm(x.T, x, out=deviation)
+        deviation.diagonal().copy_(m.double().square().sum(0) - 1)
+    norms = torch.linalg.matrix_norm(deviations)
+    return penalty_value(norms, form), deviations, norms
 
 
-def _gradients(mats, grams, norms, form, scale, wanted):
-    """``scale·∂P/∂X_i`` (tall orientation, in ``grams``' dtype) for the wanted matrices."""
+def _gradients(mats, deviations, norms, form, scale, wanted):
+    """``scale·∂P/∂X_i`` (tall orientation, in ``deviations``' dtype) for the wanted matrices."""
     coeffs = gradient_coefficients(norms, form) * scale
     grads = []
     for i, m in enumerate(mats):
@@ -100,22 +97,21 @@ def _gradients(mats, grams, norms, form, scale, wanted):
             grads.append(None)
             continue
         r = m.shape[1]
-        deviation = grams[i, :r, :r] - torch.eye(r, dtype=grams.dtype, device=grams.device)
-        grads.append(coeffs[i] * (m.to(grams.dtype) @ deviation))
+        grads.append(coeffs[i] * (m.to(deviations.dtype) @ deviations[i, :r, :r]))
     return grads
 
 
-def backward(plan, Us, Vts, grams, norms, form, scale, wanted):
+def backward(plan, Us, Vts, deviations, norms, form, scale, wanted):
     mats = factor_matrices(Us, Vts)
-    grads = _gradients(mats, grams, norms, form, scale, wanted)
+    grads = _gradients(mats, deviations, norms, form, scale, wanted)
     return [None if g is None else (g if i < len(Us) else g.T).to(m.dtype)
             for i, (g, m) in enumerate(zip(grads, mats))]
 
 
 def step_(plan, Us, Vts, form, coeff, outs):
     mats = factor_matrices(Us, Vts)
-    value, grams, norms = forward(plan, Us, Vts, form)
-    grads = _gradients(mats, grams, norms, form, coeff, [True] * len(mats))
+    value, deviations, norms = forward(plan, Us, Vts, form)
+    grads = _gradients(mats, deviations, norms, form, coeff, [True] * len(mats))
     for out, grad in zip(factor_matrices(outs[: len(Us)], outs[len(Us) :]), grads):
         out += grad.to(out.dtype)
     return value

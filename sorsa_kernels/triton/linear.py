@@ -377,7 +377,7 @@ _POINTER_BLOCKS = {
     "few rows": [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4), (64, 64, 128, 4, 3)],
     "few rows, unaligned": [(16, 64, 128, 4, 4), (16, 128, 64, 4, 3), (32, 64, 64, 4, 3)],
     "few rows, float32": [(16, 64, 32, 4, 3), (16, 128, 32, 4, 3), (16, 32, 64, 4, 3)],
-    "float64": [(32, 32, 8, 4, 1)],
+    "float64": [(32, 32, 8, 4, 1), (16, 32, 8, 4, 1)],
 }
 
 # TMA kernel: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, GROUP_M, persistent, epilogue, TAIL_K,
@@ -426,11 +426,12 @@ def _matmul_candidates(rows: int, size: int, tma: bool, aligned: bool = True) ->
     else:
         name = ("few rows" if rows <= 64 else "many rows") + (", float32" if size == 4 else "")
         name += "" if aligned else ", unaligned"
-    return [
-        Config.of(w, s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8)
-        for m, n, k, w, s in _POINTER_BLOCKS[name]
+    # Any tile computes any shape (loads and stores are masked): where the filters leave none, the last.
+    blocks = [
+        (m, n, k, w, s) for m, n, k, w, s in _POINTER_BLOCKS[name]
         if m <= max(16, rows) and _fits(s, (m * k, size), (k * n, size))
-    ]
+    ] or _POINTER_BLOCKS[name][-1:]  # fmt: skip
+    return [Config.of(w, s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8) for m, n, k, w, s in blocks]
 
 
 def _aligned(tensor: torch.Tensor, strides: tuple[int, ...]) -> bool:

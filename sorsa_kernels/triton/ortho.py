@@ -9,14 +9,15 @@ adapters of any shapes; factors of different dtypes take one launch per dtype.
 One launch, a queue of work items
     A grid of a few programs per SM takes work items in order from an atomic ticket counter
     until none is left. A Gram item sums ``X[rows]ᵀ X[rows]`` over one chunk of rows of one
-    matrix (one block pair of it when ``r`` exceeds the Gram block, 128 by default) and adds
-    it into the zeroed ``[n, W, W]`` stack (``W``: the widest rank rounded up to 16; relaxed
+    matrix (one block pair of it when ``r`` exceeds the Gram block, 128 by default), less
+    ``(rows/L)·I``, and adds it into the zeroed ``[n, W, W]`` stack, which so sums to
+    ``D = G − I`` (``W``: the widest rank rounded up to 16; relaxed
     16-byte atomics when the matrix has several items, a store otherwise); then it counts
     itself on the matrix's arrival counter. The item that arrives last completes the matrix:
-    it makes the sum symmetric (see :func:`_complete_gram`), stores ``‖G − I‖_F``, and
+    it makes the sum symmetric (see :func:`_complete_gram`), stores ``‖D‖_F``, and
     releases the matrix with one more increment. A gradient item takes one chunk of rows (and
     one block of columns): it waits until its matrix is released, computes the coefficient of
-    the chosen form from the norm, and writes or adds ``coeff·X(G − I)`` into the output. The
+    the chosen form from the norm, and writes or adds ``coeff·X·D`` into the output. The
     program that leaves last sums the norms into the value, in a fixed order. Both kinds of
     item are separate (noinline) functions: their registers are allocated apart, and nothing
     they compute is hoisted out of the queue loop to stay live across it.
@@ -51,8 +52,11 @@ Precision
     symmetrized once: two tensor-core products per tile instead of three. With TF32 allowed,
     one TF32 product per tile (relative error near 1e-3, like torch's TF32 matmuls).
     16-bit factors: the Gram matrix is a 16-bit product accumulated in float32; the gradient
-    multiplies the factor (exact in TF32) by ``G − I`` split in two TF32 parts. float64: IEEE
-    float64 products.
+    multiplies the factor (exact in TF32) by ``D`` split in two TF32 parts. float64: IEEE
+    float64 products. In every precision each tile's product starts from zero (tensor cores
+    round a chained float32 accumulation toward zero) and the diagonal of ``G`` comes from
+    float64 squares on CUDA cores, so ``D`` of near-orthonormal factors, where ``G − I`` cancels
+    all but the last digits of ``G``, keeps the accuracy of its own size (see :func:`_gram_rows`).
 
 Determinism
     Under ``torch.use_deterministic_algorithms(True)`` no matrix is cut into several Gram items
@@ -97,7 +101,8 @@ MAT_STRIDE_R = tl.constexpr(2)
 MAT_RANK = tl.constexpr(3)
 MAT_KIND = tl.constexpr(4)
 MAT_INDEX = tl.constexpr(5)
-MAT_FIELDS = tl.constexpr(6)
+MAT_LENGTH = tl.constexpr(6)
+MAT_FIELDS = tl.constexpr(7)
 # Columns of the output table (int64): byte offset from the launch's out_base (the whole address
 # when out_base is 0), strides, and KIND (the matrix's kind if the output lies the same way,
 # else STRIDED; SKIP for no output).
@@ -187,49 +192,69 @@ def _gram_update(acc, xa, xb, PRECISION: tl.constexpr, SAME: tl.constexpr):
 
 
 @triton.jit
-def _gram_rows(acc, ptr, stride_l, stride_r, row_start, row_end, rank, cols_a, cols_b,
+def _gram_rows(acc, squares, ptr, stride_l, stride_r, row_start, row_end, rank, cols_a, cols_b,
                BLOCK_L: tl.constexpr, PRECISION: tl.constexpr, SAME: tl.constexpr, VECTOR: tl.constexpr):
+    """``acc += X[rows, cols_a]ᵀ X[rows, cols_b]`` and, with ``SAME``, ``squares += Σ_rows X[rows, cols_a]²``
+    in float64, one tile of rows at a time.
+
+    Tensor cores round their float32 accumulation toward zero: chained over a long sum, that bias
+    grows with every k step (to ~1e-4 of G's diagonal over 11008 rows), and ``G − I`` of
+    near-orthonormal factors cancels all but the last digits of that diagonal. So each tile's
+    product starts from zero and is added in round-to-nearest, and the diagonal is recomputed on
+    CUDA cores from exact float64 squares (see :func:`_gram_sum`)."""
+    # A zero the compiler cannot prove zero: it would fold ``acc + dot(a, b, 0)`` into
+    # ``dot(a, b, acc)``, chaining the accumulation again.
+    fresh = tl.full(acc.shape, row_end.to(tl.float32) * 0.0, acc.dtype)
     for start in range(row_start, row_end, BLOCK_L):
         rows = start + tl.arange(0, BLOCK_L)
         xa = _load_tile(ptr, rows, cols_a, stride_l, stride_r, row_end, rank, VECTOR)
         if SAME:
-            acc = _gram_update(acc, xa, xa, PRECISION, True)
+            acc += _gram_update(fresh, xa, xa, PRECISION, True)
+            xd = xa.to(tl.float64)
+            squares += tl.sum(xd * xd, axis=0)
         else:
             xb = _load_tile(ptr, rows, cols_b, stride_l, stride_r, row_end, rank, VECTOR)
-            acc = _gram_update(acc, xa, xb, PRECISION, False)
-    return acc
+            acc += _gram_update(fresh, xa, xb, PRECISION, False)
+    return acc, squares
 
 
 @triton.jit
 def _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE: tl.constexpr,
               PRECISION: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK: tl.constexpr, SAME: tl.constexpr,
               ALIGNED: tl.constexpr, VEC: tl.constexpr):
-    """``X[rows, cols_a]ᵀ X[rows, cols_b]`` over the item's rows (see :func:`_gram_update`)."""
+    """The item's share of ``D = G − I``: ``X[rows, cols_a]ᵀ X[rows, cols_b]`` over its rows (see
+    :func:`_gram_update`), less ``(rows / L)·I`` on a diagonal block, so that the shares of a
+    matrix sum to ``G − I`` and every partial sum stays as small as ``D`` (no cancellation)."""
     acc = tl.zeros((BLOCK, BLOCK), ACC_DTYPE)
+    squares = tl.zeros((BLOCK,), tl.float64)
     # One loop per layout, so that the compiler knows the contiguous dimension (stride 1) and,
     # when aligned, the other stride's divisibility (loaded in its branch, so the hint stays true).
     if kind == ROW_MAJOR:
         stride_l = tl.load(entry + MAT_STRIDE_L)
         if ALIGNED:
             stride_l = tl.multiple_of(stride_l, VEC)
-        acc = _gram_rows(acc, ptr, stride_l, 1, row_start, row_end, rank, cols_a, cols_b, BLOCK_L, PRECISION, SAME,
-                         ALIGNED)
+        acc, squares = _gram_rows(acc, squares, ptr, stride_l, 1, row_start, row_end, rank, cols_a, cols_b, BLOCK_L,
+                                  PRECISION, SAME, ALIGNED)
     elif kind == COL_MAJOR:
         stride_r = tl.load(entry + MAT_STRIDE_R)
         if ALIGNED:
             stride_r = tl.multiple_of(stride_r, VEC)
-        acc = _gram_rows(acc, ptr, 1, stride_r, row_start, row_end, rank, cols_a, cols_b, BLOCK_L, PRECISION, SAME,
-                         ALIGNED)
+        acc, squares = _gram_rows(acc, squares, ptr, 1, stride_r, row_start, row_end, rank, cols_a, cols_b, BLOCK_L,
+                                  PRECISION, SAME, ALIGNED)
     else:
-        acc = _gram_rows(acc, ptr, tl.load(entry + MAT_STRIDE_L), tl.load(entry + MAT_STRIDE_R), row_start, row_end,
-                         rank, cols_a, cols_b, BLOCK_L, PRECISION, SAME, False)
+        acc, squares = _gram_rows(acc, squares, ptr, tl.load(entry + MAT_STRIDE_L), tl.load(entry + MAT_STRIDE_R),
+                                  row_start, row_end, rank, cols_a, cols_b, BLOCK_L, PRECISION, SAME, False)
+    if SAME:
+        share = (row_end - row_start).to(tl.float64) / tl.load(entry + MAT_LENGTH).to(tl.float64)
+        diagonal = (squares - share).to(ACC_DTYPE)
+        acc = tl.where(cols_a[:, None] == cols_b[None, :], diagonal[None, :], acc)
     return acc
 
 
 @triton.jit
 def _complete_gram(gram, gram_width, rank, ACC_DTYPE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
                    NUM_K: tl.constexpr, ROWS: tl.constexpr):
-    """Make the summed Gram matrix symmetric and return ``‖G − I‖_F``.
+    """Make the summed ``D = G − I`` symmetric and return ``‖D‖_F``.
 
     The items left the mean of ``G[i, j]`` and ``G[j, i]`` within a diagonal block pair (the
     3xTF32 sum is exact only once symmetrized) and the sum elsewhere (the transpose of an
@@ -252,17 +277,16 @@ def _complete_gram(gram, gram_width, rank, ACC_DTYPE: tl.constexpr, BLOCK: tl.co
             g = tl.where(diagonal, g * 2.0, g)  # its two halves were the same element
             tl.store(direct, g.to(gram.dtype.element_ty), mask=upper)
             tl.store(mirrored, g.to(gram.dtype.element_ty), mask=upper & ~diagonal)
-            d = g - tl.where(diagonal, 1.0, 0.0).to(ACC_DTYPE)
-            squares += tl.where(upper, tl.where(diagonal, 1.0, 2.0).to(ACC_DTYPE) * d * d, 0.0)
+            squares += tl.where(upper, tl.where(diagonal, 1.0, 2.0).to(ACC_DTYPE) * g * g, 0.0)
     return tl.sqrt(tl.sum(squares))
 
 
 @triton.jit(noinline=True)
-def _gram_item(item, mats, grams, norms, arrivals, gram_stride, gram_width,
+def _gram_item(item, mats, deviations, norms, arrivals, gram_stride, gram_width,
                DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_L: tl.constexpr,
                BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
                COMPLETE_ROWS: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr):
-    # The Gram stack's width is a multiple of 16 (Plan): 16-byte atomics.
+    # The stack's width is a multiple of 16 (Plan): 16-byte atomics.
     gram_width = tl.multiple_of(gram_width, 16)
     gram_stride = tl.multiple_of(gram_stride, 256)
     entry = mats + tl.load(item + WORK_MATRIX) * MAT_FIELDS
@@ -296,11 +320,11 @@ def _gram_item(item, mats, grams, norms, arrivals, gram_stride, gram_width,
         acc = _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE, PRECISION, BLOCK_L,
                         BLOCK, False, ALIGNED, VEC)
     # The block pair as summed (block_a <= block_b): the completing item symmetrizes.
-    gram = grams + index * gram_stride
+    gram = deviations + index * gram_stride
     mask = (cols_a[:, None] < rank) & (cols_b[None, :] < rank)
     # Rows of the (allocator-aligned) stack start on 16 bytes: vector atomics.
     target = tl.multiple_of(gram + cols_a[:, None] * gram_width + cols_b[None, :], [16, 16])
-    value = acc.to(grams.dtype.element_ty)
+    value = acc.to(deviations.dtype.element_ty)
     if tl.load(item + WORK_PHASE) == GRAM_ADD:
         tl.atomic_add(target, value, mask=mask, sem="relaxed")
     else:
@@ -343,11 +367,10 @@ def _product_update(acc, x, d_hi, d_lo, PRECISION: tl.constexpr):
 
 @triton.jit
 def _deviation_block(gram, gram_width, rows, cols, rank, ACC_DTYPE: tl.constexpr):
-    """``(G − I)[rows, cols]``, zero outside ``rank``."""
+    """``D[rows, cols]`` (the stack holds ``D = G − I``), zero outside ``rank``."""
     inside = (rows[:, None] < rank) & (cols[None, :] < rank)
-    g = tl.load(gram + rows[:, None] * gram_width + cols[None, :], mask=inside, other=0.0,
-                cache_modifier=".cg").to(ACC_DTYPE)
-    return g - tl.where(inside & (rows[:, None] == cols[None, :]), 1.0, 0.0).to(ACC_DTYPE)
+    return tl.load(gram + rows[:, None] * gram_width + cols[None, :], mask=inside, other=0.0,
+                   cache_modifier=".cg").to(ACC_DTYPE)
 
 
 @triton.jit
@@ -378,7 +401,7 @@ def _gradient_rows(ptr, stride_l, stride_r, out, out_stride_l, out_stride_r, row
 
 
 @triton.jit(noinline=True)
-def _gradient_item(item, mats, outs, out_base, grams, norms, arrivals, factor, gram_stride, gram_width, count,
+def _gradient_item(item, mats, outs, out_base, deviations, norms, arrivals, factor, gram_stride, gram_width, count,
                    official, DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                    WAIT: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, NUM_K: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr):
@@ -399,7 +422,7 @@ def _gradient_item(item, mats, outs, out_base, grams, norms, arrivals, factor, g
         polls = 0
         while (tl.atomic_add(arrivals + index, 0, sem="acquire") < released) & (polls < MAX_POLLS):
             polls += 1
-    gram = grams + index * gram_stride
+    gram = deviations + index * gram_stride
     norm = tl.load(norms + index, cache_modifier=".cg").to(ACC_DTYPE)
     if official != 0:
         coeff = tl.where(norm > 0, 2.0 * factor / (count * tl.where(norm > 0, norm, 1.0)), 0.0)
@@ -453,7 +476,7 @@ def _gradient_item(item, mats, outs, out_base, grams, norms, arrivals, factor, g
 # Integers that vary between calls or factor sets are not specialized on (fewer compilations).
 @triton.jit(do_not_specialize=["out_base", "num_items", "coeff_hi", "coeff_lo", "gram_stride", "gram_width", "count",
                                "official", "value_count"])
-def _ortho_kernel(mats, outs, out_base, work, num_items, queue, arrivals, grams, norms, value, scale, coeff_hi,
+def _ortho_kernel(mats, outs, out_base, work, num_items, queue, arrivals, deviations, norms, value, scale, coeff_hi,
                   coeff_lo, gram_stride, gram_width, count, official, value_count,
                   DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr,
                   GRADIENT_PHASE: tl.constexpr, VALUE: tl.constexpr, SCALED: tl.constexpr,
@@ -473,17 +496,17 @@ def _ortho_kernel(mats, outs, out_base, work, num_items, queue, arrivals, grams,
         item = work + ticket * WORK_FIELDS
         if GRAM and GRADIENT_PHASE:
             if tl.load(item + WORK_PHASE) == GRADIENT:
-                _gradient_item(item, mats, outs, out_base, grams, norms, arrivals, factor, gram_stride, gram_width,
+                _gradient_item(item, mats, outs, out_base, deviations, norms, arrivals, factor, gram_stride, gram_width,
                                count, official, DTYPE, ACC_DTYPE, PRECISION, True, ACCUMULATE, GRADIENT_ROWS,
                                BLOCK_N, BLOCK_K, NUM_K, OUT_ALIGNED, VEC)
             else:
-                _gram_item(item, mats, grams, norms, arrivals, gram_stride, gram_width, DTYPE, ACC_DTYPE, PRECISION,
+                _gram_item(item, mats, deviations, norms, arrivals, gram_stride, gram_width, DTYPE, ACC_DTYPE, PRECISION,
                            GRAM_ROWS, BLOCK, NUM_BLOCKS, BLOCK_K, NUM_K, COMPLETE_ROWS, ALIGNED, VEC)
         elif GRAM:
-            _gram_item(item, mats, grams, norms, arrivals, gram_stride, gram_width, DTYPE, ACC_DTYPE, PRECISION,
+            _gram_item(item, mats, deviations, norms, arrivals, gram_stride, gram_width, DTYPE, ACC_DTYPE, PRECISION,
                        GRAM_ROWS, BLOCK, NUM_BLOCKS, BLOCK_K, NUM_K, COMPLETE_ROWS, ALIGNED, VEC)
         else:
-            _gradient_item(item, mats, outs, out_base, grams, norms, arrivals, factor, gram_stride, gram_width, count,
+            _gradient_item(item, mats, outs, out_base, deviations, norms, arrivals, factor, gram_stride, gram_width, count,
                            official, DTYPE, ACC_DTYPE, PRECISION, False, ACCUMULATE, GRADIENT_ROWS, BLOCK_N,
                            BLOCK_K, NUM_K, OUT_ALIGNED, VEC)
         ticket = tl.atomic_add(queue + TICKET, 1, sem="relaxed")
@@ -564,9 +587,11 @@ def default_configs(precision: int, block_r: int, itemsize: int) -> list[Config]
     if block_r == MAX_GRAM_BLOCK:
         return [Config(rows, 32, block_n, chunk, 1.0, 8, 3), Config(rows, 32, block_n, chunk, 1.0, 8, 2),
                 Config(16, 16, 32, chunk, 1.0, 4, 1)]
-    # Gradient tiles of up to 2048 accumulator elements per warp pair (no spills at 4 warps).
+    # Gradient tiles of up to 2048 accumulator elements per warp pair, Gram tiles of up to 2048
+    # elements beside their float64 squares (no spills at 4 warps).
     gradient_rows = min(rows, max(32, 2048 // block_r))
-    return [Config(rows, gradient_rows, block_n, chunk, 1.0, 4, 3), Config(32, 32, block_n, chunk, 1.0, 4, 2),
+    gram_rows = min(rows, 2048 // block_r)
+    return [Config(gram_rows, gradient_rows, block_n, chunk, 1.0, 4, 3), Config(32, 32, block_n, chunk, 1.0, 4, 2),
             Config(16, 16, block_n, chunk, 1.0, 4, 1)]
 
 
@@ -678,8 +703,8 @@ class _Group:
         self.block_r = max(16, triton.next_power_of_2(max(m[3] for m in members)))
         self.block_k = min(self.block_r, MAX_GRAM_BLOCK)
         self.aligned = all(_vectorizable(p, L, r, sl, sr, kind, self.vec) for _, p, L, r, sl, sr, kind in members)
-        self.mats = _device_table([[p, sl, sr, r, kind, i] for i, p, L, r, sl, sr, kind in members], MAT_FIELDS.value,
-                                  torch.int64, plan.device)
+        self.mats = _device_table([[p, sl, sr, r, kind, i, L] for i, p, L, r, sl, sr, kind in members],
+                                  MAT_FIELDS.value, torch.int64, plan.device)
         self._queues: dict[tuple, tuple[torch.Tensor, int]] = {}
         self.launches: dict[tuple, object] = {}
         # Backward outputs: {wanted factors: (device table, per member (offset, shape) or None,
@@ -771,7 +796,7 @@ class Plan:
             sl, sr = m.stride()
             by_dtype.setdefault(m.dtype, []).append((i, m.data_ptr(), L, r, sl, sr, _kind(r, sl, sr)))
         self.groups = [_Group(dtype, members, self) for dtype, members in by_dtype.items()]
-        # Gram stack, norms, then the queue counters of every group and the matrices' arrival
+        # Stack of D, norms, then the queue counters of every group and the matrices' arrival
         # counters (int32) in one zeroed workspace per call.
         gram_elements = self.count * self.width * self.width
         self._norms_at = gram_elements
@@ -789,14 +814,14 @@ class Plan:
         self._output_layouts: list = []
 
     def workspace(self):
-        """Zeroed Gram stack ``[n, W, W]``, norms ``[n]`` and counters (one allocation, one fill)."""
+        """Zeroed stack of ``D = G − I`` ``[n, W, W]``, norms ``[n]`` and counters (one allocation, one fill)."""
         workspace = torch.zeros(self._workspace_elements, dtype=self.gram_dtype, device=self.device)
-        grams = workspace[: self._norms_at].view(self.count, self.width, self.width)
+        deviations = workspace[: self._norms_at].view(self.count, self.width, self.width)
         norms = workspace[self._norms_at : self._counters_at]
         counters = workspace[self._counters_at :].view(torch.int32)
-        return grams, norms, counters
+        return deviations, norms, counters
 
-    def per_call(self, group, counters, grams, norms, value, *, official, outs=None, out_base=0, out_aligned=False,
+    def per_call(self, group, counters, deviations, norms, value, *, official, outs=None, out_base=0, out_aligned=False,
                  scale=None, coeff=1.0) -> dict:
         """The kernel arguments of one call for ``group``."""
         number = self.groups.index(group)
@@ -805,7 +830,7 @@ class Plan:
         coeff_lo = coeff - coeff_hi if math.isfinite(coeff_hi) else 0.0
         # Pointers the variant does not use still need a tensor: any will do.
         return dict(
-            outs=group.mats if outs is None else outs, out_base=out_base, grams=grams, norms=norms,
+            outs=group.mats if outs is None else outs, out_base=out_base, deviations=deviations, norms=norms,
             value=norms if value is None else value, queue=counters[QUEUE_SLOTS * number : QUEUE_SLOTS * (number + 1)],
             arrivals=counters[QUEUE_SLOTS * len(self.groups) :], scale=norms if scale is None else scale,
             coeff_hi=coeff_hi, coeff_lo=coeff_lo, official=official,
@@ -855,7 +880,7 @@ def _complete_rows(block_r: int, block_k: int, num_warps: int) -> int:
 
 
 # Kernel arguments that change from call to call; the others are fixed per group and variant.
-_PER_CALL = ("outs", "out_base", "queue", "arrivals", "grams", "norms", "value", "scale", "coeff_hi", "coeff_lo",
+_PER_CALL = ("outs", "out_base", "queue", "arrivals", "deviations", "norms", "value", "scale", "coeff_hi", "coeff_lo",
              "official")
 # (variant, candidates) -> index of the first candidate that compiled within the device's limits.
 _chosen: dict[tuple, int] = {}
@@ -941,18 +966,18 @@ def prepare(Us, Vts) -> Plan:
 
 
 def forward(plan: Plan, Us, Vts, form):
-    grams, norms, counters = plan.workspace()
+    deviations, norms, counters = plan.workspace()
     value = torch.empty((), dtype=plan.gram_dtype, device=plan.device)
     official = int(form == "official")
     with _on_device(plan.device):
         for group in plan.groups:
             last = group is plan.groups[-1]
-            _run(plan, group, "forward", plan.per_call(group, counters, grams, norms, value if last else None,
+            _run(plan, group, "forward", plan.per_call(group, counters, deviations, norms, value if last else None,
                                                        official=official))
-    return value, grams, norms
+    return value, deviations, norms
 
 
-def backward(plan: Plan, Us, Vts, grams, norms, form, scale, wanted):
+def backward(plan: Plan, Us, Vts, deviations, norms, form, scale, wanted):
     counters = torch.zeros(QUEUE_SLOTS * len(plan.groups) + plan.count, dtype=torch.int32, device=plan.device)
     official = int(form == "official")
     grads = [None] * plan.count
@@ -966,19 +991,19 @@ def backward(plan: Plan, Us, Vts, grams, norms, form, scale, wanted):
                 if view is not None:
                     offset, shape = view
                     grads[i] = buffer[offset : offset + shape[0] * shape[1]].view(shape)
-            _run(plan, group, "backward", plan.per_call(group, counters, grams, norms, None, official=official,
+            _run(plan, group, "backward", plan.per_call(group, counters, deviations, norms, None, official=official,
                                                         outs=table, out_base=buffer.data_ptr(), out_aligned=aligned,
                                                         scale=scale))
     return grads
 
 
 def step_(plan: Plan, Us, Vts, form, coeff, outs):
-    grams, norms, counters = plan.workspace()
+    deviations, norms, counters = plan.workspace()
     value = torch.empty((), dtype=plan.gram_dtype, device=plan.device)
     official = int(form == "official")
     with _on_device(plan.device):
         for group, (table, aligned) in zip(plan.groups, plan.output_tables(outs)):
             last = group is plan.groups[-1]
-            _run(plan, group, "step", plan.per_call(group, counters, grams, norms, value if last else None,
+            _run(plan, group, "step", plan.per_call(group, counters, deviations, norms, value if last else None,
                                                     official=official, outs=table, out_aligned=aligned, coeff=coeff))
     return value
