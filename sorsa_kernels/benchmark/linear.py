@@ -130,23 +130,37 @@ def measure_training(tokens, in_features, out_features, rank, device) -> dict:
     return row
 
 
+def _graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` captured in a CUDA graph (after warm-up runs, which also pick launch configurations):
+    each replay is one launch, so its time is the device's alone, as in a serving engine's decode."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 @torch.no_grad()
 def measure_inference(tokens, in_features, out_features, rank, device) -> dict:
-    """Forward-only (unmerged inference) time of ours vs the dense product."""
+    """Forward-only (unmerged inference) time of ours vs the dense product: eager, and on a GPU
+    also replayed from CUDA graphs (device time, without the host's launch costs)."""
     x, weight, U, S, Vt, _ = _inputs(tokens, in_features, out_features, rank, device)
-    dense = median_ms(lambda: F.linear(x, weight))
-    ours = median_ms(lambda: sorsa_linear(x, weight, U, S, Vt, None, 2.0))
-    return dict(
-        mode="infer",
-        tokens=tokens,
-        in_features=in_features,
-        out_features=out_features,
-        rank=rank,
-        dense_ms=dense,
-        ours_ms=ours,
-        ours_ratio=ours / dense,
-        floor=inference_floor(in_features, out_features, rank),
-    )
+    candidates = {"dense": lambda: F.linear(x, weight), "ours": lambda: sorsa_linear(x, weight, U, S, Vt, None, 2.0)}
+    row = dict(mode="infer", tokens=tokens, in_features=in_features, out_features=out_features, rank=rank)
+    for name, fn in candidates.items():
+        row[f"{name}_ms"] = median_ms(fn)
+        if device.type == "cuda":
+            row[f"{name}_graph_ms"] = median_ms(_graphed(fn))
+    row["ours_ratio"] = row["ours_ms"] / row["dense_ms"]
+    if device.type == "cuda":
+        row["ours_graph_ratio"] = row["ours_graph_ms"] / row["dense_graph_ms"]
+    row["floor"] = inference_floor(in_features, out_features, rank)
+    return row
 
 
 def run(quick: bool, tokens=GPU_TOKENS, shapes=GPU_SHAPES, ranks=GPU_RANKS, decode=DECODE_TOKENS) -> dict[str, list[dict]]:
@@ -172,7 +186,8 @@ def run(quick: bool, tokens=GPU_TOKENS, shapes=GPU_SHAPES, ranks=GPU_RANKS, deco
 
 TRAINING_COLUMNS = ["tokens", "in_features", "out_features", "rank", "dense_ms", "ours_ratio", "floor",
                     "peft_lora_ratio", "naive_ratio", "reference_ratio", "extra_peak_mb", "extra_peak_budget_mb"]
-INFERENCE_COLUMNS = ["tokens", "in_features", "out_features", "rank", "dense_ms", "ours_ratio", "floor"]
+INFERENCE_COLUMNS = ["tokens", "in_features", "out_features", "rank", "dense_ms", "ours_ratio", "dense_graph_ms",
+                     "ours_graph_ratio", "floor"]
 
 
 def main(quick: bool, out_dir: str = "bench/results", **grid) -> None:
