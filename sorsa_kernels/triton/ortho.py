@@ -198,8 +198,9 @@ def _gram_rows(acc, squares, ptr, stride_l, stride_r, row_start, row_end, rank, 
     in float64, one tile of rows at a time.
 
     Tensor cores round their float32 accumulation toward zero: chained over a long sum, that bias
-    grows with every k step (to ~1e-4 of G's diagonal over 11008 rows), and ``G − I`` of
-    near-orthonormal factors cancels all but the last digits of that diagonal. So each tile's
+    grows with every k step, and ``G − I`` of near-orthonormal factors cancels all but the last
+    digits of G's diagonal (chained over 11008 rows, gradients came out up to 2.4e-3 off float64
+    on an H100; error proportional to the rows summed per accumulator). So each tile's
     product starts from zero and is added in round-to-nearest, and the diagonal is recomputed on
     CUDA cores from exact float64 squares (see :func:`_gram_sum`)."""
     # A zero the compiler cannot prove zero: it would fold ``acc + dot(a, b, 0)`` into
