@@ -294,6 +294,9 @@ def _refine_eigenvectors(G: torch.Tensor, X: torch.Tensor) -> tuple[torch.Tensor
         coupling = S + values.unsqueeze(-2) * R
         separated = coupling.abs() < 0.1 * gap.abs()
         X = X + X @ torch.where(separated, coupling / torch.where(separated, gap, 1.0), R / 2)
+    # The last step's correction leaves X orthonormal only to first order in it: one more
+    # X(I + R/2) squares what is left.
+    X = X + X @ ((eye - X.mT @ X) / 2)
     R = eye - X.mT @ X
     values = (X.mT @ (G @ X)).diagonal(dim1=-2, dim2=-1) / (1 - R.diagonal(dim1=-2, dim2=-1))
     return values, X
