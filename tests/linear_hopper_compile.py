@@ -14,7 +14,7 @@ assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON
 import torch  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from sorsa_kernels.benchmark.linear_products import compiled_variants, step_products  # noqa: E402
+from sorsa_kernels.benchmark.linear_products import compiled_variants, meta_step_inputs, step_products  # noqa: E402
 from sorsa_kernels.benchmark.precompile import captured_launches, compile_all, resource_usage  # noqa: E402
 from sorsa_kernels.triton import linear  # noqa: E402
 
@@ -36,12 +36,7 @@ CASES = [
 
 def launches_of(case):
     dtype, adapter_dtype, rows, in_features, out_features, rank = case
-    meta = dict(device="meta")
-    x = torch.empty(rows, in_features, dtype=dtype, **meta)
-    weight = torch.empty(out_features, in_features, dtype=dtype, **meta)
-    U, S = torch.empty(out_features, rank, dtype=adapter_dtype, **meta), torch.empty(rank, dtype=adapter_dtype, **meta)
-    Vt = torch.empty(rank, in_features, dtype=adapter_dtype, **meta)
-    dy = torch.empty(rows, out_features, dtype=dtype, **meta)
+    x, weight, U, S, Vt, dy = meta_step_inputs(rows, in_features, out_features, rank, dtype, adapter_dtype)
     labelled = []
     with captured_launches(KERNELS) as launches:
         for product in step_products(x, weight, U, S, Vt, dy, 0.5):

@@ -114,6 +114,18 @@ def gpu_target():
     return GPUTarget("cuda", int(major) * 10 + int(minor), 32)
 
 
+def meta_step_inputs(rows, in_features, out_features, rank, dtype, adapter_dtype):
+    """``(x, weight, U, S, Vt, dy)`` of one training step as meta tensors (shapes and dtypes
+    only): what the launch functions need to pick and compile their kernels, without a GPU."""
+    meta = dict(device="meta")
+    x = torch.empty(rows, in_features, dtype=dtype, **meta)
+    weight = torch.empty(out_features, in_features, dtype=dtype, **meta)
+    U, S = torch.empty(out_features, rank, dtype=adapter_dtype, **meta), torch.empty(rank, dtype=adapter_dtype, **meta)
+    Vt = torch.empty(rank, in_features, dtype=adapter_dtype, **meta)
+    dy = torch.empty(rows, out_features, dtype=dtype, **meta)
+    return x, weight, U, S, Vt, dy
+
+
 def precompile(cases, *, sweep=False, workers=None) -> tuple[int, list[str]]:
     """Compile, in parallel processes, every candidate launch of the six products for each case
     ``(M, in, out, r, x dtype, adapter dtype)`` for this machine's GPU, into Triton's cache; with
@@ -131,12 +143,7 @@ def precompile(cases, *, sweep=False, workers=None) -> tuple[int, list[str]]:
                 kernels._rank_down_kernel, kernels._row_reduction_kernel]  # fmt: skip
     with captured_launches(kernels_) as launches:
         for rows, in_features, out_features, rank, dtype, adapter_dtype in cases:
-            meta = dict(device="meta")
-            x = torch.empty(rows, in_features, dtype=dtype, **meta)
-            weight = torch.empty(out_features, in_features, dtype=dtype, **meta)
-            U, S = torch.empty(out_features, rank, dtype=adapter_dtype, **meta), torch.empty(rank, dtype=adapter_dtype, **meta)
-            Vt = torch.empty(rank, in_features, dtype=adapter_dtype, **meta)
-            dy = torch.empty(rows, out_features, dtype=dtype, **meta)
+            x, weight, U, S, Vt, dy = meta_step_inputs(rows, in_features, out_features, rank, dtype, adapter_dtype)
             for bare in (False, True) if sweep else (False,):
                 for product in step_products(x, weight, U, S, Vt, dy, 0.5, rank_zero=bare):
                     configs = compiled_variants(product)

@@ -30,6 +30,26 @@ def check_same_device(reference_name: str, reference: torch.Tensor, **others):
             raise ValueError(f"{name} is on {value.device} but {reference_name} is on {reference.device}")
 
 
+def check_matrix_group(weights, single_op: str) -> list[torch.Tensor]:
+    """``weights`` as a non-empty list of 2-D tensors of one shape, dtype, device and strides (the
+    same-shape layers of a model, handled as one batch); ``single_op`` names the op that takes
+    one batched tensor instead."""
+    if isinstance(weights, torch.Tensor):
+        raise TypeError(f"weights must be a sequence of tensors (use {single_op} for one batched tensor)")
+    weights = list(weights)
+    if not weights:
+        raise ValueError("weights must hold at least one matrix")
+    first = weights[0]
+    for i, W in enumerate(weights):
+        check_tensor(f"weights[{i}]", W, dims=2)
+        if (W.shape, W.dtype, W.device, W.stride()) != (first.shape, first.dtype, first.device, first.stride()):
+            raise ValueError(
+                f"weights[{i}] ({tuple(W.shape)}, {W.dtype}, {W.device}, strides {W.stride()}) differs from "
+                f"weights[0] ({tuple(first.shape)}, {first.dtype}, {first.device}, strides {first.stride()})"
+            )
+    return weights
+
+
 def check_dim(name: str, size: int, other_name: str, other_size: int):
     if size != other_size:
         raise ValueError(f"{name} ({size}) must match {other_name} ({other_size})")

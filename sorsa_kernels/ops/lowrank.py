@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from sorsa_kernels.backends import implementation, resolve
-from sorsa_kernels.ops._validate import check_dim, check_same_device, check_tensor
+from sorsa_kernels.ops._validate import check_dim, check_matrix_group, check_same_device, check_tensor
 from sorsa_kernels.reference.linear import accumulation_dtype
 
 
@@ -79,16 +79,8 @@ def subtract_lowrank_grouped_(
         ``[B]`` in the accumulation dtype: ``‖W_b − U_b·diag(S_b)·Vt_b‖²_F`` accumulated before
         the result is rounded to the weights' dtype.
     """
-    if isinstance(weights, torch.Tensor):
-        raise TypeError("weights must be a sequence of tensors (use subtract_lowrank_ for one batched tensor)")
-    weights = list(weights)
-    if not weights:
-        raise ValueError("weights must hold at least one matrix")
+    weights = check_matrix_group(weights, "subtract_lowrank_")
     first = weights[0]
-    for i, W in enumerate(weights):
-        check_tensor(f"weights[{i}]", W, dims=2)
-        if (W.shape, W.dtype, W.device, W.stride()) != (first.shape, first.dtype, first.device, first.stride()):
-            raise ValueError(f"weights[{i}] differs from weights[0] in shape, dtype, device or strides")
     check_tensor("U", U, dims=3)
     check_tensor("S", S, dims=2, optional=True)
     check_tensor("Vt", Vt, dims=3)

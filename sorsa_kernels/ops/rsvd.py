@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from sorsa_kernels.backends import implementation, resolve
-from sorsa_kernels.ops._validate import check_int, check_rank, check_tensor
+from sorsa_kernels.ops._validate import check_int, check_matrix_group, check_rank, check_tensor
 
 DEFAULT_NITER = 6
 
@@ -73,21 +73,9 @@ def rsvd(
 
 
 def _check_group(weights, rank, niter, oversample, generator):
-    if isinstance(weights, torch.Tensor):
-        raise TypeError("weights must be a sequence of tensors (use rsvd for one batched tensor)")
-    weights = list(weights)
-    if not weights:
-        raise ValueError("weights must hold at least one matrix")
-    first = weights[0]
-    for i, W in enumerate(weights):
-        check_tensor(f"weights[{i}]", W, dims=2)
-        if (W.shape, W.dtype, W.device, W.stride()) != (first.shape, first.dtype, first.device, first.stride()):
-            raise ValueError(
-                f"weights[{i}] ({tuple(W.shape)}, {W.dtype}, {W.device}, strides {W.stride()}) differs from "
-                f"weights[0] ({tuple(first.shape)}, {first.dtype}, {first.device}, strides {first.stride()})"
-            )
-    m, n = first.shape
-    return weights, *_check_options(rank, m, n, niter, oversample, generator, first.device, "weights[0]")
+    weights = check_matrix_group(weights, "rsvd")
+    m, n = weights[0].shape
+    return weights, *_check_options(rank, m, n, niter, oversample, generator, weights[0].device, "weights[0]")
 
 
 @torch.no_grad()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import triton
+import triton.language as tl
 
 
 def on_device(device: torch.device):
@@ -28,3 +30,16 @@ def element_offsets(matrices: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
     offsets = [(a.data_ptr() - first.data_ptr()) // size for a in matrices]
     table = torch.tensor(offsets, dtype=torch.int64).to(first.device, non_blocking=True)
     return table, all(offset % 16 == 0 for offset in offsets)
+
+
+@triton.jit
+def matrix_start(b, offsets, stride, INDIRECT: tl.constexpr, ALIGNED: tl.constexpr):
+    """Where batch matrix ``b`` starts, in elements: ``offsets[b]`` from :func:`element_offsets`
+    (INDIRECT; a multiple of 16 with ALIGNED), else ``b·stride``."""
+    if INDIRECT:
+        start = tl.load(offsets + b)
+        if ALIGNED:
+            start = tl.multiple_of(start, 16)
+    else:
+        start = b * stride
+    return start

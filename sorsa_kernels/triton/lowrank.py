@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sorsa_kernels.triton.common import element_offsets, on_device
+from sorsa_kernels.triton.common import element_offsets, matrix_start, on_device
 
 # (BLOCK_M, BLOCK_N, BLOCK_R, num_warps) by accumulation dtype: a float64 accumulator of
 # 128×128 would not fit in registers.
@@ -39,12 +39,7 @@ def _subtract_lowrank_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    if INDIRECT:
-        w_start = tl.load(w_offsets + b)
-        if ALIGNED:
-            w_start = tl.multiple_of(w_start, 16)
-    else:
-        w_start = b * stride_wb
+    w_start = matrix_start(b, w_offsets, stride_wb, INDIRECT, ALIGNED)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)

@@ -61,7 +61,7 @@ import triton.language as tl
 
 from sorsa_kernels.profiling import recording, stage
 from sorsa_kernels.reference import rsvd as reference
-from sorsa_kernels.triton.common import element_offsets, on_device
+from sorsa_kernels.triton.common import element_offsets, matrix_start, on_device
 
 
 @triton.jit
@@ -88,13 +88,7 @@ def _product_kernel(
     # Consecutive programs share a row block of A, so its tiles are reused from L2.
     pid_m = pid // tiles_n
     pid_n = pid % tiles_n
-    if INDIRECT:
-        offset = tl.load(a_offsets + b)
-        if ALIGNED:
-            offset = tl.multiple_of(offset, 16)
-    else:
-        offset = b * stride_ab
-    a_base = a_first + offset
+    a_base = a_first + matrix_start(b, a_offsets, stride_ab, INDIRECT, ALIGNED)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
