@@ -1,9 +1,10 @@
 """Compile the ortho_reg Triton kernel for sm_90 (H100) without a GPU, as test_ortho runs it in a
 subprocess (TRITON_INTERPRET must be unset for that): the default configuration of the fused
-step (float32 3xTF32 at R = 16, 32, 64 and 128; float32 TF32 and bfloat16 at R = 128) and of
-the autograd passes (float32 3xTF32, R = 128) must compile, fit the shared memory of one H100 block and spill nothing to
-local memory. Prints one line per variant with its shared memory, registers and spills (ptxas
-of the Triton install, on the PTX).
+step (float32 as float16 pairs at R = 16, 32, 64 and 128; float32 TF32 and bfloat16 at R = 128)
+and of the autograd passes (float32 pairs, R = 128) must compile and fit the shared memory of one
+H100 block; below R = 128 they must also spill nothing to local memory (at R = 128 the fastest
+tiles measured spill a little: see ``default_configs``). Prints one line per variant with its
+shared memory, registers and spills (ptxas of the Triton install, on the PTX).
 
 ``python tests/ortho_hopper_compile.py [--all]``: ``--all`` compiles every tile configuration
 the benchmark sweep tries instead, in every mode (a look at their resources before a GPU run;
@@ -93,13 +94,13 @@ def main():
 
         configs_of = sweep_configs
     failures = 0
-    variants = [(tl.float32, ortho.F32_3XTF32.value), (tl.float32, ortho.F32_TF32.value), (tl.bfloat16, ortho.HALF.value)]
+    variants = [(tl.float32, ortho.F32_SPLIT16.value), (tl.float32, ortho.F32_TF32.value), (tl.bfloat16, ortho.HALF.value)]
     for dtype, precision in variants[:1] if configs_of else variants:  # the sweep times float32 sets
-        # Every width of 3xTF32, the widest of the others (their narrow ones stay far below the
+        # Every width of the float16 pairs, the widest of the others (their narrow ones stay far below the
         # register file); the sweep's two.
         if configs_of:
             widths = (16, 128)
-        elif precision == ortho.F32_3XTF32.value:
+        elif precision == ortho.F32_SPLIT16.value:
             widths = (16, 32, 64, 128)
         else:
             widths = (128,)
@@ -107,11 +108,11 @@ def main():
             itemsize = dtype.primitive_bitwidth // 8
             configs = configs_of(block_r) if configs_of else ortho.default_configs(precision, block_r, itemsize)[:1]
             # The fused step of every variant; the autograd passes of the main one (compile time).
-            main = precision == ortho.F32_3XTF32.value and block_r == 128
+            main = precision == ortho.F32_SPLIT16.value and block_r == 128
             for mode in ("step", "forward", "backward") if main or configs_of else ("step",):
                 for config in configs if mode == "step" else configs[:1]:
                     shared, registers, spills = compile_variant(dtype, precision, block_r, mode, config)
-                    bad = shared > H100_SHARED_BYTES or (spills > 0 and not configs_of)
+                    bad = shared > H100_SHARED_BYTES or (spills > 0 and not configs_of and block_r < 128)
                     print(f"{'FAIL ' if bad else ''}{mode} {dtype} precision {precision} R={block_r} {config}: "
                           f"shared {shared}, {registers} registers, {spills} bytes spilled")
                     failures += bad

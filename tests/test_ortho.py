@@ -33,7 +33,7 @@ from support import (
 
 BACKENDS = backend_params("ortho_reg")
 FORMS = ["squared", "official"]
-# float32 must match float64 to 1e-5 (3xTF32 on GPUs); narrower dtypes round their gradients.
+# float32 must match float64 to 1e-5 (float16 pairs on GPUs); narrower dtypes round their gradients.
 TOL = {**TOLERANCE, torch.float32: 1e-5}
 
 # U shapes [L, r] and Vt shapes [r, L]: L of 1, 19, 37, 130 (no multiple of 16), ranks 1 to 256.
@@ -99,6 +99,28 @@ def test_differentiable_matches_float64(backend, form, shapes, dtype):
         grads = torch.autograd.grad(value, Us + Vts)
     assert value.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and value.dim() == 0
     check(value, grads, Us, Vts, form, TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("magnitude", ["tiny", "huge", "columns-1e-3-to-1e3"])
+def test_float32_at_extreme_magnitudes(backend, magnitude):
+    """float32 factors far from unit size, and columns of very different sizes: the float16 pairs
+    of the GPU path are scaled per tile, so neither part overflows nor loses its bits."""
+    Us, Vts = make(MIXED, torch.float32)
+    with torch.no_grad():
+        for p in Us + Vts:
+            if magnitude == "tiny":
+                p.mul_(1e-12)
+            elif magnitude == "huge":
+                p.mul_(1e6)  # the squared form of 1e12 would overflow float32 itself
+            else:  # every column of the tall matrix (U's columns, Vt's rows) its own size
+                sizes = torch.logspace(-3, 3, min(p.shape), device=p.device)
+                p.mul_(sizes[None, :] if p.shape[0] >= p.shape[1] else sizes[:, None])
+    for form in FORMS:
+        with poisoned_allocations():
+            value = ortho_reg(Us, Vts, form, backend=backend)
+            grads = torch.autograd.grad(value, Us + Vts)
+        check(value, grads, Us, Vts, form, TOL[torch.float32])
 
 
 # Long enough for float32 sums of G's diagonal to drift well past 1e-5 of G − I.
@@ -535,9 +557,9 @@ def hopper_compile():
 
 
 def test_kernels_compile_for_hopper(hopper_compile):
-    """The default configurations compile for sm_90, fit its shared memory and spill nothing (no
-    GPU needed: the compiler and ptxas ship with Triton); catches GPU-only compile errors on CPU
-    machines."""
+    """The default configurations compile for sm_90 and fit its shared memory, spilling nothing
+    below R = 128 (no GPU needed: the compiler and ptxas ship with Triton); catches GPU-only
+    compile errors on CPU machines."""
     if hopper_compile is None:
         pytest.skip("triton is not installed")
     output, _ = hopper_compile.communicate(timeout=600)

@@ -181,21 +181,20 @@ def run(quick: bool) -> list[dict]:
 # -- Tuning sweep ------------------------------------------------------------------------------
 
 # Per Gram block width: (gram_rows, gradient_rows, block_n, num_warps, num_stages, gram_block), each
-# compiled once. At r = 128 (float32, 3xTF32) the first ones keep 8 warps for the 128×128 Gram
-# accumulator, where a 32-row gradient tile runs mma.sync; the 4-warp ones sum the Gram matrix
-# in 64-wide block pairs so that a 64-row gradient tile can run wgmma (it spills a little, like
-# round 1's fastest standalone gradient kernel).
+# compiled once. At r = 128 (float32 as float16 pairs) 8 warps hold the 128×128 Gram
+# accumulator; gradient tiles of 128 rows run wgmma, narrower ones mma.sync; 16 warps halve the
+# registers per thread but spill more.
 _TILES = {
-    128: [(32, 32, 64, 8, 3, 128), (32, 32, 64, 8, 2, 128), (64, 32, 64, 8, 2, 128), (32, 128, 64, 8, 2, 128),
-          (32, 64, 64, 4, 1, 64), (64, 64, 64, 4, 2, 64), (32, 64, 128, 4, 1, 64)],
-    16: [(128, 128, 16, 4, 3, 128), (64, 64, 16, 4, 3, 128), (128, 128, 16, 4, 4, 128), (128, 64, 16, 4, 2, 128),
-         (64, 128, 16, 8, 3, 128)],
+    128: [(64, 128, 128, 8, 2, 128), (32, 128, 128, 8, 2, 128), (128, 128, 128, 8, 2, 128), (64, 128, 64, 8, 2, 128),
+          (64, 64, 128, 8, 2, 128), (64, 128, 128, 16, 2, 128)],
+    16: [(128, 128, 16, 4, 3, 128), (256, 256, 16, 4, 3, 128), (128, 256, 16, 4, 3, 128), (256, 256, 16, 8, 3, 128),
+         (512, 512, 16, 8, 3, 128)],
 }
 # Runtime knobs tried with the best tiles: rows per work item (in units of 256 KiB of float32
 # factor rows at r = 128, so the same list fits every rank), lag, programs per SM.
 _CHUNK_KIB = (64, 128, 256, 512, 1024)
 _LAGS = (0.0, 1.0, math.inf)
-_PROGRAMS_PER_SM = (1, 2)
+_PROGRAMS_PER_SM = (1, 2, 4)
 
 
 def sweep_configs(block_r: int) -> list:
@@ -203,7 +202,7 @@ def sweep_configs(block_r: int) -> list:
     default runtime knobs)."""
     from sorsa_kernels.triton import ortho as triton_ortho
 
-    default = triton_ortho.default_configs(triton_ortho.F32_3XTF32.value, block_r, 4)[0]
+    default = triton_ortho.default_configs(triton_ortho.F32_SPLIT16.value, block_r, 4)[0]
     return [dataclasses.replace(default, gram_rows=g, gradient_rows=d, block_n=n, num_warps=w, num_stages=s,
                                 gram_block=b, chunk_rows=max(default.chunk_rows, g, d))
             for g, d, n, w, s, b in _TILES[block_r]]

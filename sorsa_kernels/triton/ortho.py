@@ -44,15 +44,18 @@ Memory ordering
     written in the launch is read back through L2 (``.cg``), never through a possibly stale L1.
 
 Precision
-    float32 factors run 3xTF32 unless torch allows TF32 matmuls
-    (``torch.backends.cuda.matmul.allow_tf32``): each operand is split into a TF32-exact high
-    part and the remainder, and the products ``hi·hi + hi·lo + lo·hi`` keep about 21 bits
-    (relative error near 1e-6, inside the 1e-5 contract). For the Gram matrix the two cross
-    terms are transposes of each other, so ``hiᵀhi + 2·hiᵀlo`` is accumulated and
-    symmetrized once: two tensor-core products per tile instead of three. With TF32 allowed,
-    one TF32 product per tile (relative error near 1e-3, like torch's TF32 matmuls).
-    16-bit factors: the Gram matrix is a 16-bit product accumulated in float32; the gradient
-    multiplies the factor (exact in TF32) by ``D`` split in two TF32 parts. float64: IEEE
+    float32 factors run as float16 pairs unless torch allows TF32 matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``): each tile is scaled by a power of two that
+    puts its largest magnitude at the top of float16's range and split into a float16 high part
+    and the float16 remainder (:func:`_split_fp16`); the products ``hi·hi + hi·lo + lo·hi``
+    keep about 22 bits (relative error near 3e-7 on an H100, inside the 1e-5 contract) at
+    float16's tensor-core rate, twice TF32's (3xTF32, the same split in TF32 parts, measured
+    1.6–1.75x slower per step and less accurate). For the Gram matrix the two cross terms are
+    transposes of each other, so ``hiᵀhi + 2·hiᵀlo`` is accumulated and symmetrized once: two
+    tensor-core products per tile instead of three. With TF32 allowed, one TF32 product per
+    tile (relative error near 1e-3, like torch's TF32 matmuls). 16-bit factors: the Gram
+    matrix is a 16-bit product accumulated in float32; the gradient takes the float16 pairs of
+    the factor (one part for most values) and of ``D``. float64: IEEE
     float64 products. In every precision each tile's product starts from zero (tensor cores
     round a chained float32 accumulation toward zero) and the diagonal of ``G`` comes from
     float64 squares on CUDA cores, so ``D`` of near-orthonormal factors, where ``G − I`` cancels
@@ -132,7 +135,7 @@ QUEUE_SLOTS = 2
 
 # Precision plans (see the module docstring).
 F64 = tl.constexpr(0)
-F32_3XTF32 = tl.constexpr(1)
+F32_SPLIT16 = tl.constexpr(1)
 F32_TF32 = tl.constexpr(2)
 HALF = tl.constexpr(3)
 
@@ -146,10 +149,18 @@ MAX_GRAM_BLOCK = 128
 
 
 @triton.jit
-def _split_tf32(x):
-    """``x = hi + lo`` exactly, ``hi`` rounded to TF32 (10 mantissa bits, nearest, ties away)."""
-    hi = ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
-    return hi, x - hi
+def _split_fp16(x):
+    """``x = (hi + lo)·inverse`` with ``hi``, ``lo`` float16 and ``inverse`` a power of two that
+    puts the tile's largest magnitude in [2^14, 2^15), the top of float16's range: both parts
+    stay normal for every element that matters and keep about 22 significant bits. (The shift is capped at ±62 so that both the scale and the
+    product's ``inverse²`` are normal float32; only tiles beyond 2^76 or below 2^-48 hit the cap.)"""
+    largest = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    exponent = (largest.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    shift = tl.minimum(tl.maximum(141 - exponent, -62), 62)
+    scaled = x * ((shift + 127) << 23).to(tl.float32, bitcast=True)
+    hi = scaled.to(tl.float16)
+    lo = (scaled - hi.to(tl.float32)).to(tl.float16)
+    return hi, lo, ((127 - shift) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -170,25 +181,26 @@ def _load_tile(ptr, rows, cols, stride_l, stride_r, row_end, rank, VECTOR: tl.co
 
 
 @triton.jit
-def _gram_update(acc, xa, xb, PRECISION: tl.constexpr, SAME: tl.constexpr):
-    """``acc += xaᵀ xb``; with ``SAME`` (xa is xb) the 3xTF32 sum is right only once symmetrized."""
-    if PRECISION == F32_3XTF32:
-        a_hi, a_lo = _split_tf32(xa)
+def _gram_product(zero, xa, xb, PRECISION: tl.constexpr, SAME: tl.constexpr):
+    """``xaᵀ xb``, its tensor-core products chained from ``zero``; with ``SAME`` (xa is xb) the
+    split products are right only once symmetrized."""
+    if PRECISION == F32_SPLIT16:
+        a_hi, a_lo, a_inverse = _split_fp16(xa)
         if SAME:
-            acc = tl.dot(tl.trans(a_hi), a_lo * 2.0, acc, input_precision="tf32")
-            acc = tl.dot(tl.trans(a_hi), a_hi, acc, input_precision="tf32")
+            product = tl.dot(tl.trans(a_hi), a_lo * 2.0, zero)
+            product = tl.dot(tl.trans(a_hi), a_hi, product) * (a_inverse * a_inverse)
         else:
-            b_hi, b_lo = _split_tf32(xb)
-            acc = tl.dot(tl.trans(a_lo), b_hi, acc, input_precision="tf32")
-            acc = tl.dot(tl.trans(a_hi), b_lo, acc, input_precision="tf32")
-            acc = tl.dot(tl.trans(a_hi), b_hi, acc, input_precision="tf32")
+            b_hi, b_lo, b_inverse = _split_fp16(xb)
+            product = tl.dot(tl.trans(a_lo), b_hi, zero)
+            product = tl.dot(tl.trans(a_hi), b_lo, product)
+            product = tl.dot(tl.trans(a_hi), b_hi, product) * (a_inverse * b_inverse)
     elif PRECISION == F32_TF32:
-        acc = tl.dot(tl.trans(xa), xb, acc, input_precision="tf32")
+        product = tl.dot(tl.trans(xa), xb, zero, input_precision="tf32")
     elif PRECISION == F64:
-        acc = tl.dot(tl.trans(xa), xb, acc, input_precision="ieee", out_dtype=tl.float64)
+        product = tl.dot(tl.trans(xa), xb, zero, input_precision="ieee", out_dtype=tl.float64)
     else:
-        acc = tl.dot(tl.trans(xa), xb, acc)
-    return acc
+        product = tl.dot(tl.trans(xa), xb, zero)
+    return product
 
 
 @triton.jit
@@ -210,12 +222,12 @@ def _gram_rows(acc, squares, ptr, stride_l, stride_r, row_start, row_end, rank, 
         rows = start + tl.arange(0, BLOCK_L)
         xa = _load_tile(ptr, rows, cols_a, stride_l, stride_r, row_end, rank, VECTOR)
         if SAME:
-            acc += _gram_update(fresh, xa, xa, PRECISION, True)
+            acc += _gram_product(fresh, xa, xa, PRECISION, True)
             xd = xa.to(tl.float64)
             squares += tl.sum(xd * xd, axis=0)
         else:
             xb = _load_tile(ptr, rows, cols_b, stride_l, stride_r, row_end, rank, VECTOR)
-            acc += _gram_update(fresh, xa, xb, PRECISION, False)
+            acc += _gram_product(fresh, xa, xb, PRECISION, False)
     return acc, squares
 
 
@@ -224,7 +236,7 @@ def _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DT
               PRECISION: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK: tl.constexpr, SAME: tl.constexpr,
               ALIGNED: tl.constexpr, VEC: tl.constexpr):
     """The item's share of ``D = G − I``: ``X[rows, cols_a]ᵀ X[rows, cols_b]`` over its rows (see
-    :func:`_gram_update`), less ``(rows / L)·I`` on a diagonal block, so that the shares of a
+    :func:`_gram_product`), less ``(rows / L)·I`` on a diagonal block, so that the shares of a
     matrix sum to ``G − I`` and every partial sum stays as small as ``D`` (no cancellation)."""
     acc = tl.zeros((BLOCK, BLOCK), ACC_DTYPE)
     squares = tl.zeros((BLOCK,), tl.float64)
@@ -258,7 +270,7 @@ def _complete_gram(gram, gram_width, rank, ACC_DTYPE: tl.constexpr, BLOCK: tl.co
     """Make the summed ``D = G − I`` symmetric and return ``‖D‖_F``.
 
     The items left the mean of ``G[i, j]`` and ``G[j, i]`` within a diagonal block pair (the
-    3xTF32 sum is exact only once symmetrized) and the sum elsewhere (the transpose of an
+    split sum is exact only once symmetrized) and the sum elsewhere (the transpose of an
     off-diagonal block was left zero). Each pair ``{(i, j), (j, i)}`` is read and written by the
     slot ``i <= j`` alone, so no slot reads what another one wrote; ``ROWS`` rows at a time.
     """
@@ -310,7 +322,7 @@ def _gram_item(item, mats, deviations, norms, arrivals, gram_stride, gram_width,
         block_b = tl.load(item + WORK_BLOCK_B)
     cols_a = block_a * BLOCK + tl.arange(0, BLOCK)
     cols_b = block_b * BLOCK + tl.arange(0, BLOCK)
-    # A diagonal block pair sums xᵀx (two products in 3xTF32), any other pair xaᵀxb (three).
+    # A diagonal block pair sums xᵀx (two split products), any other pair xaᵀxb (three).
     if NUM_BLOCKS == 1:
         acc = _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE, PRECISION, BLOCK_L,
                         BLOCK, True, ALIGNED, VEC)
@@ -342,28 +354,30 @@ def _gram_item(item, mats, deviations, norms, arrivals, gram_stride, gram_width,
 
 @triton.jit
 def _split_deviation(d, PRECISION: tl.constexpr):
-    if PRECISION == F32_3XTF32 or PRECISION == HALF:
-        return _split_tf32(d)
-    return d, d
+    """``d`` as the operand parts :func:`_product` takes: ``(hi, lo, inverse)``."""
+    if PRECISION == F32_SPLIT16 or PRECISION == HALF:
+        hi, lo, inverse = _split_fp16(d)
+    else:
+        hi = d
+        lo = d
+        inverse = 1.0
+    return hi, lo, inverse
 
 
 @triton.jit
-def _product_update(acc, x, d_hi, d_lo, PRECISION: tl.constexpr):
-    """``acc += x·d`` where ``(d_hi, d_lo)`` came from :func:`_split_deviation`."""
-    if PRECISION == F32_3XTF32:
-        x_hi, x_lo = _split_tf32(x)
-        acc = tl.dot(x_lo, d_hi, acc, input_precision="tf32")
-        acc = tl.dot(x_hi, d_lo, acc, input_precision="tf32")
-        acc = tl.dot(x_hi, d_hi, acc, input_precision="tf32")
-    elif PRECISION == HALF:
-        x32 = x.to(tl.float32)  # 16-bit values are exact in TF32
-        acc = tl.dot(x32, d_lo, acc, input_precision="tf32")
-        acc = tl.dot(x32, d_hi, acc, input_precision="tf32")
+def _product(zero, x, d_hi, d_lo, d_inverse, PRECISION: tl.constexpr):
+    """``x·d``, its tensor-core products chained from ``zero``, where ``(d_hi, d_lo, d_inverse)``
+    came from :func:`_split_deviation`."""
+    if PRECISION == F32_SPLIT16 or PRECISION == HALF:
+        x_hi, x_lo, x_inverse = _split_fp16(x.to(tl.float32))
+        product = tl.dot(x_lo, d_hi, zero)
+        product = tl.dot(x_hi, d_lo, product)
+        product = tl.dot(x_hi, d_hi, product) * (x_inverse * d_inverse)
     elif PRECISION == F32_TF32:
-        acc = tl.dot(x, d_hi, acc, input_precision="tf32")
+        product = tl.dot(x, d_hi, zero, input_precision="tf32")
     else:
-        acc = tl.dot(x, d_hi, acc, input_precision="ieee", out_dtype=tl.float64)
-    return acc
+        product = tl.dot(x, d_hi, zero, input_precision="ieee", out_dtype=tl.float64)
+    return product
 
 
 @triton.jit
@@ -376,7 +390,7 @@ def _deviation_block(gram, gram_width, rows, cols, rank, ACC_DTYPE: tl.constexpr
 
 @triton.jit
 def _gradient_rows(ptr, stride_l, stride_r, out, out_stride_l, out_stride_r, row_start, row_end, rank, cols,
-                   gram, gram_width, d_hi, d_lo, coeff, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                   gram, gram_width, d_hi, d_lo, d_inverse, coeff, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                    ACCUMULATE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    NUM_K: tl.constexpr, VECTOR: tl.constexpr):
     for start in range(row_start, row_end, BLOCK_L):
@@ -385,16 +399,18 @@ def _gradient_rows(ptr, stride_l, stride_r, out, out_stride_l, out_stride_r, row
         mask = (rows[:, None] < row_end) & (cols[None, :] < rank)
         if ACCUMULATE:  # issued before the products, so that its latency hides behind them
             previous = tl.load(targets, mask=mask).to(ACC_DTYPE)
-        acc = tl.zeros((BLOCK_L, BLOCK_N), ACC_DTYPE)
-        for kb in tl.static_range(NUM_K):
-            ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-            x = _load_tile(ptr, rows, ks, stride_l, stride_r, row_end, rank, VECTOR)
-            if NUM_K == 1:
-                acc = _product_update(acc, x, d_hi, d_lo, PRECISION)
-            else:  # ranks above 128: the deviation blocks come again from L2 for every tile
-                blk_hi, blk_lo = _split_deviation(_deviation_block(gram, gram_width, ks, cols, rank, ACC_DTYPE),
-                                                  PRECISION)
-                acc = _product_update(acc, x, blk_hi, blk_lo, PRECISION)
+        zero = tl.zeros((BLOCK_L, BLOCK_N), ACC_DTYPE)
+        if NUM_K == 1:
+            acc = _product(zero, _load_tile(ptr, rows, tl.arange(0, BLOCK_K), stride_l, stride_r, row_end, rank, VECTOR),
+                           d_hi, d_lo, d_inverse, PRECISION)
+        else:  # ranks above 128: the deviation blocks come again from L2 for every tile
+            acc = zero
+            for kb in tl.static_range(NUM_K):
+                ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+                x = _load_tile(ptr, rows, ks, stride_l, stride_r, row_end, rank, VECTOR)
+                blk_hi, blk_lo, blk_inverse = _split_deviation(
+                    _deviation_block(gram, gram_width, ks, cols, rank, ACC_DTYPE), PRECISION)
+                acc += _product(zero, x, blk_hi, blk_lo, blk_inverse, PRECISION)
         update = coeff * acc
         if ACCUMULATE:
             update += previous
@@ -445,10 +461,11 @@ def _gradient_item(item, mats, outs, out_base, deviations, norms, arrivals, fact
         cols = col_start + tl.arange(0, BLOCK_N)
         if NUM_K == 1:
             deviation = _deviation_block(gram, gram_width, tl.arange(0, BLOCK_K), cols, rank, ACC_DTYPE)
-            d_hi, d_lo = _split_deviation(deviation, PRECISION)
+            d_hi, d_lo, d_inverse = _split_deviation(deviation, PRECISION)
         else:
             d_hi = 0.0
             d_lo = 0.0
+            d_inverse = 1.0
         if kind == ROW_MAJOR:
             stride_l = tl.load(entry + MAT_STRIDE_L)
             out_stride_l = tl.load(out_entry + OUT_STRIDE_L)
@@ -456,7 +473,7 @@ def _gradient_item(item, mats, outs, out_base, deviations, norms, arrivals, fact
                 stride_l = tl.multiple_of(stride_l, VEC)
                 out_stride_l = tl.multiple_of(out_stride_l, VEC)
             _gradient_rows(ptr, stride_l, 1, out, out_stride_l, 1, row_start, row_end, rank, cols, gram, gram_width,
-                           d_hi, d_lo, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K, NUM_K,
+                           d_hi, d_lo, d_inverse, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K, NUM_K,
                            ALIGNED)
         elif kind == COL_MAJOR:
             stride_r = tl.load(entry + MAT_STRIDE_R)
@@ -465,12 +482,12 @@ def _gradient_item(item, mats, outs, out_base, deviations, norms, arrivals, fact
                 stride_r = tl.multiple_of(stride_r, VEC)
                 out_stride_r = tl.multiple_of(out_stride_r, VEC)
             _gradient_rows(ptr, 1, stride_r, out, 1, out_stride_r, row_start, row_end, rank, cols, gram, gram_width,
-                           d_hi, d_lo, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K, NUM_K,
+                           d_hi, d_lo, d_inverse, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K, NUM_K,
                            ALIGNED)
         else:
             _gradient_rows(ptr, tl.load(entry + MAT_STRIDE_L), tl.load(entry + MAT_STRIDE_R), out,
                            tl.load(out_entry + OUT_STRIDE_L), tl.load(out_entry + OUT_STRIDE_R), row_start, row_end,
-                           rank, cols, gram, gram_width, d_hi, d_lo, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L,
+                           rank, cols, gram, gram_width, d_hi, d_lo, d_inverse, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L,
                            BLOCK_N, BLOCK_K, NUM_K, False)
 
 
@@ -577,30 +594,39 @@ def default_configs(precision: int, block_r: int, itemsize: int) -> list[Config]
         return [Config(16, 16, min(block_r, 32), 32, lag=1.0, programs_per_sm=2)]
     # Tiles of up to 16 KiB of factor rows (enough bytes in flight per program at small ranks).
     rows = max(16, min(128, (16 << 10) // (block_r * itemsize)))
-    block_n = min(block_r, 128 if itemsize < 4 or precision == F32_TF32.value else 64)
-    # Work items of about 256 KiB of factor rows: a Gram item's atomic update (r² floats) stays
-    # small beside what it reads, and the rows all programs hold at once stay within L2.
-    chunk = max(256, min(4096, (256 << 10) // (block_r * itemsize)))
+    # Work items of about 512 KiB of factor rows: a Gram item's atomic update (r² floats) stays
+    # small beside what it reads, and the rows all programs hold at once stay within L2
+    # (H100, r = 128: 256 KiB items took 3.1 ms per Llama-2-7B step, 512 KiB 3.0 ms, 1 MiB 3.0 ms).
+    chunk = max(256, min(4096, (512 << 10) // (block_r * itemsize)))
     if precision == F64.value:
         return [Config(16, 16, min(block_r, 32), chunk, 1.0, 4, 2), Config(16, 16, 16, chunk, 1.0, 4, 1)]
     if block_r > MAX_GRAM_BLOCK:  # block pairs and blocks of G − I: a correctness path, kept small
         return [Config(16, 16, 64, chunk, 1.0, 8, 2), Config(16, 16, 32, chunk, 1.0, 4, 1)]
     if block_r == MAX_GRAM_BLOCK:
-        return [Config(rows, 32, block_n, chunk, 1.0, 8, 3), Config(rows, 32, block_n, chunk, 1.0, 8, 2),
-                Config(16, 16, 32, chunk, 1.0, 4, 1)]
+        # Gradient items span every column, so each row is read (and split) once, in 128-row
+        # tiles that run wgmma. Fastest measured on an H100 although ptxas spills about 1.7 KB
+        # (float32, 256 KiB items): 3.2 ms per Llama-2-7B step against 3.6 ms for 64 columns,
+        # 3.9 ms for 64 rows and 4.8 ms for the spill-free 32-row, 64-column tiles.
+        # The other plans keep the spill-free 32-row gradient tiles (the float32 TF32 operands
+        # of the 128-row ones overflow shared memory; 16-bit factors were not timed with them).
+        fallbacks = [Config(rows, 32, block_r, chunk, 1.0, 8, 3), Config(rows, 32, block_r, chunk, 1.0, 8, 2),
+                     Config(16, 16, 32, chunk, 1.0, 4, 1)]
+        if precision == F32_SPLIT16.value:
+            return [Config(64, 128, block_r, chunk, 1.0, 8, 2)] + fallbacks
+        return fallbacks
     # Gradient tiles of up to 2048 accumulator elements per warp pair, Gram tiles of up to 2048
     # elements beside their float64 squares (no spills at 4 warps).
     gradient_rows = min(rows, max(32, 2048 // block_r))
     gram_rows = min(rows, 2048 // block_r)
-    return [Config(gram_rows, gradient_rows, block_n, chunk, 1.0, 4, 3), Config(32, 32, block_n, chunk, 1.0, 4, 2),
-            Config(16, 16, block_n, chunk, 1.0, 4, 1)]
+    return [Config(gram_rows, gradient_rows, block_r, chunk, 1.0, 4, 3), Config(32, 32, block_r, chunk, 1.0, 4, 2),
+            Config(16, 16, block_r, chunk, 1.0, 4, 1)]
 
 
 def _precision(dtype: torch.dtype) -> int:
     if dtype == torch.float64:
         return F64.value
     if dtype == torch.float32:
-        return F32_TF32.value if torch.backends.cuda.matmul.allow_tf32 else F32_3XTF32.value
+        return F32_TF32.value if torch.backends.cuda.matmul.allow_tf32 else F32_SPLIT16.value
     return HALF.value
 
 
