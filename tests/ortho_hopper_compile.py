@@ -2,13 +2,12 @@
 subprocess (TRITON_INTERPRET must be unset for that): the default configuration of the fused
 step (float32 as float16 pairs at R = 16, 32, 64 and 128; float32 TF32 and bfloat16 at R = 128)
 and of the autograd passes (float32 pairs, R = 128) must compile and fit the shared memory of one
-H100 block; below R = 128 they must also spill nothing to local memory (at R = 128 the fastest
-tiles measured spill a little: see ``default_configs``). Prints one line per variant with its
-shared memory, registers and spills (ptxas of the Triton install, on the PTX).
+H100 block. Prints one line per variant with its shared memory, registers and spills (ptxas of
+the Triton install, on the PTX): spills are a matter for the benchmark (the fastest tiles
+measured spill a little, see ``default_configs``).
 
 ``python tests/ortho_hopper_compile.py [--all]``: ``--all`` compiles every tile configuration
-the benchmark sweep tries instead, in every mode (a look at their resources before a GPU run;
-some are expected to spill).
+the benchmark sweep tries instead, in every mode (a look at their resources before a GPU run).
 """
 
 import os
@@ -112,7 +111,7 @@ def main():
             for mode in ("step", "forward", "backward") if main or configs_of else ("step",):
                 for config in configs if mode == "step" else configs[:1]:
                     shared, registers, spills = compile_variant(dtype, precision, block_r, mode, config)
-                    bad = shared > H100_SHARED_BYTES or (spills > 0 and not configs_of and block_r < 128)
+                    bad = shared > H100_SHARED_BYTES
                     print(f"{'FAIL ' if bad else ''}{mode} {dtype} precision {precision} R={block_r} {config}: "
                           f"shared {shared}, {registers} registers, {spills} bytes spilled")
                     failures += bad
