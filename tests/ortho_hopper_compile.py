@@ -95,8 +95,8 @@ def main():
     failures = 0
     variants = [(tl.float32, ortho.F32_SPLIT16.value), (tl.float32, ortho.F32_TF32.value), (tl.bfloat16, ortho.HALF.value)]
     for dtype, precision in variants[:1] if configs_of else variants:  # the sweep times float32 sets
-        # Every width of the float16 pairs, the widest of the others (their narrow ones stay far below the
-        # register file); the sweep's two.
+        # Every width of the float16 pairs, the widest of the others (their narrow ones stay far
+        # below the register file); the sweep's two.
         if configs_of:
             widths = (16, 128)
         elif precision == ortho.F32_SPLIT16.value:

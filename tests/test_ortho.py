@@ -108,14 +108,15 @@ def test_float32_at_extreme_magnitudes(backend, magnitude):
     of the GPU path are scaled per tile, so neither part overflows nor loses its bits."""
     Us, Vts = make(MIXED, torch.float32)
     with torch.no_grad():
-        for p in Us + Vts:
+        for i, p in enumerate(Us + Vts):
             if magnitude == "tiny":
                 p.mul_(1e-12)
             elif magnitude == "huge":
                 p.mul_(1e6)  # the squared form of 1e12 would overflow float32 itself
             else:  # every column of the tall matrix (U's columns, Vt's rows) its own size
-                sizes = torch.logspace(-3, 3, min(p.shape), device=p.device)
-                p.mul_(sizes[None, :] if p.shape[0] >= p.shape[1] else sizes[:, None])
+                is_vt = i >= len(Us)
+                sizes = torch.logspace(-3, 3, p.shape[0 if is_vt else 1], device=p.device)
+                p.mul_(sizes[:, None] if is_vt else sizes[None, :])
     for form in FORMS:
         with poisoned_allocations():
             value = ortho_reg(Us, Vts, form, backend=backend)

@@ -49,8 +49,8 @@ Precision
     puts its largest magnitude at the top of float16's range and split into a float16 high part
     and the float16 remainder (:func:`_split_fp16`); the products ``hi·hi + hi·lo + lo·hi``
     keep about 22 bits (relative error near 3e-7 on an H100, inside the 1e-5 contract) at
-    float16's tensor-core rate, twice TF32's (3xTF32, the same split in TF32 parts, measured
-    1.6–1.75x slower per step and less accurate). For the Gram matrix the two cross terms are
+    float16's tensor-core rate, twice TF32's (3xTF32, the same split in TF32 parts, took 14 %
+    longer per step at the same tiles on an H100, at 4–5e-7). For the Gram matrix the two cross terms are
     transposes of each other, so ``hiᵀhi + 2·hiᵀlo`` is accumulated and symmetrized once: two
     tensor-core products per tile instead of three. With TF32 allowed, one TF32 product per
     tile (relative error near 1e-3, like torch's TF32 matmuls). 16-bit factors: the Gram
@@ -152,8 +152,9 @@ MAX_GRAM_BLOCK = 128
 def _split_fp16(x):
     """``x = (hi + lo)·inverse`` with ``hi``, ``lo`` float16 and ``inverse`` a power of two that
     puts the tile's largest magnitude in [2^14, 2^15), the top of float16's range: both parts
-    stay normal for every element that matters and keep about 22 significant bits. (The shift is capped at ±62 so that both the scale and the
-    product's ``inverse²`` are normal float32; only tiles beyond 2^76 or below 2^-48 hit the cap.)"""
+    stay normal for every element that matters and keep about 22 significant bits. (The shift
+    is capped at ±62 so that both the scale and the product's ``inverse²`` are normal float32;
+    only tiles beyond 2^76 or below 2^-48 hit the cap.)"""
     largest = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
     exponent = (largest.to(tl.int32, bitcast=True) >> 23) & 0xFF
     shift = tl.minimum(tl.maximum(141 - exponent, -62), 62)
@@ -401,8 +402,8 @@ def _gradient_rows(ptr, stride_l, stride_r, out, out_stride_l, out_stride_r, row
             previous = tl.load(targets, mask=mask).to(ACC_DTYPE)
         zero = tl.zeros((BLOCK_L, BLOCK_N), ACC_DTYPE)
         if NUM_K == 1:
-            acc = _product(zero, _load_tile(ptr, rows, tl.arange(0, BLOCK_K), stride_l, stride_r, row_end, rank, VECTOR),
-                           d_hi, d_lo, d_inverse, PRECISION)
+            x = _load_tile(ptr, rows, tl.arange(0, BLOCK_K), stride_l, stride_r, row_end, rank, VECTOR)
+            acc = _product(zero, x, d_hi, d_lo, d_inverse, PRECISION)
         else:  # ranks above 128: the deviation blocks come again from L2 for every tile
             acc = zero
             for kb in tl.static_range(NUM_K):
@@ -473,8 +474,8 @@ def _gradient_item(item, mats, outs, out_base, deviations, norms, arrivals, fact
                 stride_l = tl.multiple_of(stride_l, VEC)
                 out_stride_l = tl.multiple_of(out_stride_l, VEC)
             _gradient_rows(ptr, stride_l, 1, out, out_stride_l, 1, row_start, row_end, rank, cols, gram, gram_width,
-                           d_hi, d_lo, d_inverse, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K, NUM_K,
-                           ALIGNED)
+                           d_hi, d_lo, d_inverse, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K,
+                           NUM_K, ALIGNED)
         elif kind == COL_MAJOR:
             stride_r = tl.load(entry + MAT_STRIDE_R)
             out_stride_r = tl.load(out_entry + OUT_STRIDE_R)
@@ -482,13 +483,13 @@ def _gradient_item(item, mats, outs, out_base, deviations, norms, arrivals, fact
                 stride_r = tl.multiple_of(stride_r, VEC)
                 out_stride_r = tl.multiple_of(out_stride_r, VEC)
             _gradient_rows(ptr, 1, stride_r, out, 1, out_stride_r, row_start, row_end, rank, cols, gram, gram_width,
-                           d_hi, d_lo, d_inverse, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K, NUM_K,
-                           ALIGNED)
+                           d_hi, d_lo, d_inverse, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K,
+                           NUM_K, ALIGNED)
         else:
             _gradient_rows(ptr, tl.load(entry + MAT_STRIDE_L), tl.load(entry + MAT_STRIDE_R), out,
                            tl.load(out_entry + OUT_STRIDE_L), tl.load(out_entry + OUT_STRIDE_R), row_start, row_end,
-                           rank, cols, gram, gram_width, d_hi, d_lo, d_inverse, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L,
-                           BLOCK_N, BLOCK_K, NUM_K, False)
+                           rank, cols, gram, gram_width, d_hi, d_lo, d_inverse, coeff, ACC_DTYPE, PRECISION,
+                           ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K, NUM_K, False)
 
 
 # Integers that vary between calls or factor sets are not specialized on (fewer compilations).
@@ -615,11 +616,10 @@ def default_configs(precision: int, block_r: int, itemsize: int) -> list[Config]
             return [Config(64, 128, block_r, chunk, 1.0, 8, 2)] + fallbacks
         return fallbacks
     # Tiles of up to 4096 elements and two 4-warp programs per SM (both resident; ptxas spills
-    # under 200 bytes):
-    # on an H100 (Llama-2-7B set, float32) r = 64 took 1.09 ms against 1.89 ms for 2048-element
-    # tiles and one program, r = 32 0.58–0.89 ms against 0.95 ms. At r = 16 two programs ran
-    # either at 0.28 ms or at 0.7 ms from one timing to the next (one: 0.54 ms, steadily), so
-    # it keeps one.
+    # under 200 bytes): on an H100 (Llama-2-7B set, float32) r = 64 took 1.09 ms against 1.89 ms
+    # for 2048-element tiles and one program, r = 32 0.58–0.89 ms against 0.95 ms. At r = 16 two
+    # programs ran either at 0.28 ms or at 0.7 ms from one timing to the next (one: 0.54 ms,
+    # steadily), so it keeps one.
     tile_rows = min(rows, 4096 // block_r)
     programs_per_sm = 1 if block_r < 32 else 2
     return [Config(tile_rows, tile_rows, block_r, chunk, 1.0, 4, 3, programs_per_sm),
