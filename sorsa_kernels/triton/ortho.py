@@ -76,7 +76,6 @@ Host side
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import heapq
 import math
@@ -90,6 +89,7 @@ from triton.runtime import OutOfResources
 
 from sorsa_kernels.backends import _triton_interpreted
 from sorsa_kernels.reference.ortho import factor_matrices, gram_dtype
+from sorsa_kernels.triton.common import CompiledLaunch, on_device
 
 # How a tall matrix lies in memory: along r (U), along L (Vtᵀ), or neither; SKIP: no output wanted.
 ROW_MAJOR = tl.constexpr(0)
@@ -615,12 +615,13 @@ def default_configs(precision: int, block_r: int, itemsize: int) -> list[Config]
         if precision == F32_SPLIT16.value:
             return [Config(64, 128, block_r, chunk, 1.0, 8, 2)] + fallbacks
         return fallbacks
-    # Tiles of up to 4096 elements and two 4-warp programs per SM (both resident; ptxas spills
-    # under 200 bytes): on an H100 (Llama-2-7B set, float32) r = 64 took 1.09 ms against 1.89 ms
-    # for 2048-element tiles and one program, r = 32 0.58–0.89 ms against 0.95 ms. At r = 16 two
-    # programs ran either at 0.28 ms or at 0.7 ms from one timing to the next (one: 0.54 ms,
-    # steadily), so it keeps one.
-    tile_rows = min(rows, 4096 // block_r)
+    # Tiles of 4096 elements and two 4-warp programs per SM (both resident; ptxas spills under
+    # 200 bytes): on an H100 (Llama-2-7B set, float32) r = 64 took 1.09 ms against 1.89 ms for
+    # 2048-element tiles and one program, r = 32 0.58–0.89 ms against 0.95 ms. At r = 16 two
+    # programs ran either at 0.28 ms or at 0.7 ms from one timing to the next, so it keeps one,
+    # with 256-row tiles (Llama-2-7B set: 0.38 ms, where a benchmark run with 128-row tiles took
+    # 0.54 ms).
+    tile_rows = 4096 // block_r
     programs_per_sm = 1 if block_r < 32 else 2
     return [Config(tile_rows, tile_rows, block_r, chunk, 1.0, 4, 3, programs_per_sm),
             Config(32, 32, block_r, chunk, 1.0, 4, 2), Config(16, 16, block_r, chunk, 1.0, 4, 1)]
@@ -893,10 +894,6 @@ class Plan:
         return tables
 
 
-def _on_device(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _accumulator(precision: int):
     return tl.float64 if precision == F64.value else tl.float32
 
@@ -919,12 +916,12 @@ _chosen: dict[tuple, int] = {}
 
 @dataclasses.dataclass
 class _Launch:
-    """One group's launch of one variant, ready to repeat: the compiled kernel (None under the
-    interpreter) and every argument in order, the per-call ones to be filled in."""
+    """One group's launch of one variant, ready to repeat: the compiled kernel and every
+    argument in order, the per-call ones to be filled in."""
 
     config: Config
     programs: int
-    kernel: object
+    kernel: CompiledLaunch
     arguments: list
     slots: list[int]
 
@@ -935,9 +932,8 @@ class _Launch:
         _launch_kernel(self.kernel, self.programs, arguments)
 
 
-def _launch_kernel(kernel, programs: int, arguments: list):
-    """Launch ``kernel`` (already compiled) with every argument in order."""
-    kernel[(programs, 1, 1)](*arguments)
+def _launch_kernel(kernel: CompiledLaunch, programs: int, arguments: list):
+    kernel((programs, 1, 1), arguments)
 
 
 def _run(plan: Plan, group: _Group, mode: str, per_call: dict):
@@ -988,7 +984,7 @@ def _first_launch(plan: Plan, group: _Group, variant: tuple, per_call: dict) -> 
             return None
         names = _ortho_kernel.arg_names
         # The per-call arguments are left out (the template must not keep this call's tensors alive).
-        return _Launch(config, programs, compiled, [None if name in _PER_CALL else arguments[name] for name in names],
+        return _Launch(config, programs, CompiledLaunch(compiled, _ortho_kernel), [None if name in _PER_CALL else arguments[name] for name in names],
                        [names.index(name) for name in _PER_CALL])
 
 
@@ -1000,7 +996,7 @@ def forward(plan: Plan, Us, Vts, form):
     deviations, norms, counters = plan.workspace()
     value = torch.empty((), dtype=plan.gram_dtype, device=plan.device)
     official = int(form == "official")
-    with _on_device(plan.device):
+    with on_device(plan.device):
         for group in plan.groups:
             last = group is plan.groups[-1]
             _run(plan, group, "forward", plan.per_call(group, counters, deviations, norms, value if last else None,
@@ -1012,7 +1008,7 @@ def backward(plan: Plan, Us, Vts, deviations, norms, form, scale, wanted):
     counters = torch.zeros(QUEUE_SLOTS * len(plan.groups) + plan.count, dtype=torch.int32, device=plan.device)
     official = int(form == "official")
     grads = [None] * plan.count
-    with _on_device(plan.device):
+    with on_device(plan.device):
         for group in plan.groups:
             table, views, elements, aligned = group.flat_outputs(tuple(wanted))
             if not elements:
@@ -1032,7 +1028,7 @@ def step_(plan: Plan, Us, Vts, form, coeff, outs):
     deviations, norms, counters = plan.workspace()
     value = torch.empty((), dtype=plan.gram_dtype, device=plan.device)
     official = int(form == "official")
-    with _on_device(plan.device):
+    with on_device(plan.device):
         for group, (table, aligned) in zip(plan.groups, plan.output_tables(outs)):
             last = group is plan.groups[-1]
             _run(plan, group, "step", plan.per_call(group, counters, deviations, norms, value if last else None,

@@ -1,0 +1,98 @@
+"""Host time of sorsa_linear on a GPU machine: one launch by each path, and one step of a layer.
+
+From the repository root, with the package importable (installed, or ``PYTHONPATH=.``)::
+
+    python bench/host_linear.py
+
+``host`` is the Python time per call measured without waiting for the GPU, ``wall`` the same
+with the GPU's work included: where they agree, the GPU waits on the host. The launch rows time
+one tiny ``rank_down`` (64×256 by 256×16) through our launch function, through Triton's
+``kernel[grid](...)``, and through the compiled kernel (``compiled.run`` with triton >= 3.4's
+arguments); the step rows time a forward + backward (and a no-grad forward) of a small and of a
+4096-token layer against ``F.linear`` alone.
+"""
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+import sorsa_kernels as sk
+from sorsa_kernels.triton import linear as kernels
+
+DEVICE = "cuda"
+
+
+def host_and_wall_us(fn, calls=2000) -> tuple[float, float]:
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls * 1e6
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / calls * 1e6
+    return host, wall
+
+
+def launch_rows():
+    a = torch.randn(64, 256, device=DEVICE, dtype=torch.bfloat16)
+    b = torch.randn(256, 16, device=DEVICE)
+    out = torch.empty(64, 16, device=DEVICE)
+    kernels.rank_down(a, b, out)
+    meta = next(iter(kernels._chosen.values())).kwargs
+    args = (a, b, out, 64, 256, 16, *a.stride(), *b.stride(), *out.stride(), 1)
+    constants = dict(RANK_PAD=16, PRECISION="ieee", **meta)
+    compiled = kernels._rank_down_kernel[(1, 1)](*args, **constants)
+    every_argument = list(args) + [constants[n] for n in kernels._rank_down_kernel.arg_names[len(args) :]]
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def compiled_run():
+        compiled.run(1, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None, *every_argument)
+
+    return {
+        "rank_down() (ours, full path)": lambda: kernels.rank_down(a, b, out),
+        "JIT kernel[grid](...)": lambda: kernels._rank_down_kernel[(1, 1)](*args, **constants),
+        "compiled[grid](*all)": lambda: compiled[(1, 1, 1)](*every_argument),
+        "compiled.run(...)": compiled_run,
+        "torch.empty": lambda: torch.empty(64, 16, device=DEVICE),
+        "torch.mm tiny": lambda: torch.mm(a, a.T),
+    }
+
+
+def step_rows(rows, in_features, out_features, rank):
+    x = torch.randn(rows, in_features, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(out_features, in_features, device=DEVICE, dtype=torch.bfloat16)
+    U = torch.randn(out_features, rank, device=DEVICE, requires_grad=True)
+    S = torch.randn(rank, device=DEVICE, requires_grad=True)
+    Vt = torch.randn(rank, in_features, device=DEVICE, requires_grad=True)
+    dy = torch.randn(rows, out_features, device=DEVICE, dtype=torch.bfloat16)
+
+    def ours():
+        sk.sorsa_linear(x, weight, U, S, Vt, None, 0.5, backend="triton").backward(dy)
+
+    def dense():
+        F.linear(x, weight).backward(dy)
+
+    def forward():
+        with torch.no_grad():
+            sk.sorsa_linear(x, weight, U, S, Vt, None, 0.5, backend="triton")
+
+    name = f"M={rows} {in_features}->{out_features} r={rank}"
+    return {f"{name} ours fwd+bwd": ours, f"{name} dense fwd+bwd": dense, f"{name} ours forward no_grad": forward}
+
+
+def main():
+    print(torch.cuda.get_device_name())
+    for name, fn in launch_rows().items():
+        host, wall = host_and_wall_us(fn)
+        print(f"{name:42s} host {host:8.1f} us  wall {wall:8.1f} us")
+    for shape in [(64, 256, 64, 16), (4096, 4096, 1024, 16)]:
+        for name, fn in step_rows(*shape).items():
+            host, wall = host_and_wall_us(fn, 300)
+            print(f"{name:42s} host {host:8.1f} us  wall {wall:8.1f} us")
+
+
+if __name__ == "__main__":
+    main()
