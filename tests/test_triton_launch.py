@@ -30,8 +30,8 @@ def test_layout_key_distinguishes_what_triton_compiles_apart():
     tensors = _tensors()
     ours = [common.layout_key(t) for t in tensors]
     triton_keys = [native_specialize_impl(BaseBackend, t, False, True, True) for t in tensors]
-    for i, a in enumerate(tensors):
-        for j, b in enumerate(tensors):
+    for i in range(len(tensors)):
+        for j in range(len(tensors)):
             if triton_keys[i] != triton_keys[j]:
                 assert ours[i] != ours[j], f"tensors {i} and {j} compile apart but share a key"
 

@@ -516,12 +516,20 @@ def extended_matmul(a, b, t, tb, S, scale, bias, out, config: Config | None = No
     return out
 
 
+def _operand_class(a, b, out) -> tuple[str | None, bool]:
+    """``(layout, aligned)``: how b suits the TMA kernel (see :func:`_tma_layout`), and whether
+    the pointer kernel may load a and b as 16-byte vectors."""
+    a_strides = a.stride()
+    b_strides = b.stride() if b is not None else (0, 0)
+    layout = _tma_layout(a, a_strides, b, b_strides, out, out.stride())
+    return layout, layout is not None or (_aligned(a, a_strides) and (b is None or _aligned(b, b_strides)))
+
+
 def _matmul_key(a, b, t, out) -> tuple:
     """The shape class of an extended matmul, under which its tuned configuration is kept."""
     a_strides = a.stride()
     b_strides = b.stride() if b is not None else (0, 0)
-    layout = _tma_layout(a, a_strides, b, b_strides, out, out.stride())
-    aligned = layout is not None or (_aligned(a, a_strides) and (b is None or _aligned(b, b_strides)))
+    layout, aligned = _operand_class(a, b, out)
     inner = a.shape[1] if b is not None else 0
     return ("matmul", a.get_device(), a.dtype, _row_bucket(out.shape[0]), out.shape[1], inner, t.shape[1], layout, aligned,
             a_strides[1] == 1, b_strides[0] == 1)  # fmt: skip
@@ -577,9 +585,7 @@ def _extended_matmul_plan(a, b, t, tb, S, bias, out, scale, config: Config):
 
 def matmul_candidates(a, b, out) -> list[Config]:
     """The configurations :func:`extended_matmul` chooses among for these operands."""
-    b_strides = b.stride() if b is not None else (0, 0)
-    layout = _tma_layout(a, a.stride(), b, b_strides, out, out.stride())
-    aligned = layout is not None or (_aligned(a, a.stride()) and (b is None or _aligned(b, b_strides)))
+    layout, aligned = _operand_class(a, b, out)
     return _matmul_candidates(out.shape[0], out.element_size(), layout is not None, aligned)
 
 

@@ -984,7 +984,8 @@ def _first_launch(plan: Plan, group: _Group, variant: tuple, per_call: dict) -> 
             return None
         names = _ortho_kernel.arg_names
         # The per-call arguments are left out (the template must not keep this call's tensors alive).
-        return _Launch(config, programs, CompiledLaunch(compiled, _ortho_kernel), [None if name in _PER_CALL else arguments[name] for name in names],
+        template = [None if name in _PER_CALL else arguments[name] for name in names]
+        return _Launch(config, programs, CompiledLaunch(compiled, _ortho_kernel), template,
                        [names.index(name) for name in _PER_CALL])
 
 
