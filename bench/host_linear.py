@@ -2,16 +2,21 @@
 
 From the repository root, with the package importable (installed, or ``PYTHONPATH=.``)::
 
-    python bench/host_linear.py
+    python bench/host_linear.py [--profile]
 
 ``host`` is the Python time per call measured without waiting for the GPU, ``wall`` the same
 with the GPU's work included: where they agree, the GPU waits on the host. The launch rows time
 one tiny ``rank_down`` (64×256 by 256×16) through our launch function, through Triton's
 ``kernel[grid](...)``, and through the compiled kernel (``compiled.run`` with triton >= 3.4's
 arguments); the step rows time a forward + backward (and a no-grad forward) of a small and of a
-4096-token layer against ``F.linear`` alone.
+4096-token layer against ``F.linear`` alone. ``--profile`` instead prints where the host time
+of those steps goes: cProfile of the forward + backward, run on the calling thread (autograd's
+device threads are invisible to a profiler started on this one).
 """
 
+import cProfile
+import pstats
+import sys
 import time
 
 import torch
@@ -83,8 +88,30 @@ def step_rows(rows, in_features, out_features, rank):
     return {f"{name} ours fwd+bwd": ours, f"{name} dense fwd+bwd": dense, f"{name} ours forward no_grad": forward}
 
 
+def profile(calls=300):
+    for shape in [(64, 256, 64, 16), (4096, 4096, 1024, 16)]:
+        name, ours = next(iter(step_rows(*shape).items()))
+        with torch.autograd.set_multithreading_enabled(False):
+            for _ in range(50):
+                ours()
+            torch.cuda.synchronize()
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for _ in range(calls):
+                ours()
+            profiler.disable()
+        torch.cuda.synchronize()
+        print(f"--- {name}, {calls} calls: top functions by own time, then by cumulative time")
+        stats = pstats.Stats(profiler).strip_dirs()
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats(35)
+
+
 def main():
     print(torch.cuda.get_device_name())
+    if "--profile" in sys.argv[1:]:
+        profile()
+        return
     for name, fn in launch_rows().items():
         host, wall = host_and_wall_us(fn)
         print(f"{name:42s} host {host:8.1f} us  wall {wall:8.1f} us")

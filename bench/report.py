@@ -18,17 +18,20 @@ RESULTS = BENCH / "results"
 README = BENCH.parent / "README.md"
 
 
-def newest(suite: str) -> tuple[Path, dict] | None:
-    """The most recent result file of ``suite`` measured on a GPU."""
+def gpu_results(suite: str) -> list[tuple[str, Path, dict]]:
+    """``(date, path, data)`` of every result file of ``suite`` measured on a GPU, oldest first."""
     found = []
     for path in RESULTS.glob(f"{suite}-*.json"):
         data = json.loads(path.read_text())
         if data.get("suite") == suite and not data["environment"]["device"].startswith("cpu"):
             found.append((data["environment"]["date"], path, data))
-    if not found:
-        return None
-    _, path, data = max(found, key=lambda item: item[0])
-    return path, data
+    return sorted(found, key=lambda item: item[0])
+
+
+def newest(suite: str) -> tuple[Path, dict] | None:
+    """The most recent result file of ``suite`` measured on a GPU."""
+    found = gpu_results(suite)
+    return found[-1][1:] if found else None
 
 
 def provenance(path: Path, data: dict) -> str:
@@ -125,12 +128,16 @@ def plot_linear(path: Path, data: dict) -> str:
 
 
 def render_ortho(path: Path, data: dict) -> str:
-    header = ["adapter set", "matrices", "ours ms (grad_ path)", "Python loop ms", "speedup", "bytes floor ms",
+    """Every run of the newest run's day (runs of one configuration vary: all are shown)."""
+    day = data["environment"]["date"][:10]
+    runs = [(p, d) for date, p, d in gpu_results("ortho") if date[:10] == day]
+    header = ["run", "adapter set", "matrices", "ours ms (grad_ path)", "Python loop ms", "speedup", "bytes floor ms",
               "ours / floor", "host ms", "rel. error vs float64"]
-    body = [[r["set"], str(r["n"]), f"{r['ms_grad_']:.3f}", f"{r['ms_loop']:.1f}", f"{r['speedup']:.0f}×",
+    body = [[str(number), r["set"], str(r["n"]), f"{r['ms_grad_']:.3f}", f"{r['ms_loop']:.1f}", f"{r['speedup']:.0f}×",
              f"{r['floor_ms']:.3f}", f"{r['ours/floor']:.2f}", f"{r['host_ms']:.3f}", f"{r['rel_err']:.1e}"]
-            for r in data["rows"]]
-    return provenance(path, data) + "\n\n" + markdown_table(header, body)
+            for number, (_, run) in enumerate(runs, 1) for r in run["rows"]]
+    sources = "\n".join(f"run {number}: {provenance(p, d)}" for number, (p, d) in enumerate(runs, 1))
+    return sources + "\n\n" + markdown_table(header, body)
 
 
 def render_init(path: Path, data: dict) -> str:

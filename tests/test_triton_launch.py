@@ -25,10 +25,15 @@ def _tensors():
     return views + [None]
 
 
+def _key(tensor):
+    """The launch key of ``tensor`` as a launch's second operand (the first is always a tensor)."""
+    return common.layout_key(torch.zeros(1), tensor)
+
+
 @pytest.mark.skipif(native_specialize_impl is None, reason="this triton has no native_specialize_impl to compare with")
 def test_layout_key_distinguishes_what_triton_compiles_apart():
     tensors = _tensors()
-    ours = [common.layout_key(t) for t in tensors]
+    ours = [_key(t) for t in tensors]
     triton_keys = [native_specialize_impl(BaseBackend, t, False, True, True) for t in tensors]
     for i in range(len(tensors)):
         for j in range(len(tensors)):
@@ -39,7 +44,7 @@ def test_layout_key_distinguishes_what_triton_compiles_apart():
 def test_layout_key_distinguishes_layouts():
     """A plan keeps its tensors' shapes and strides: tensors that differ in either differ in key."""
     tensors = _tensors()
-    keys = [common.layout_key(t) for t in tensors]
+    keys = [_key(t) for t in tensors]
     layouts = [None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0) for t in tensors]
     for i in range(len(tensors)):
         for j in range(len(tensors)):
@@ -72,9 +77,13 @@ def test_direct_launches_call_launch_hooks():
 
     inputs = make_inputs((40, 64), 48, 4, torch.float32, torch.float32)
     check_against_oracle("triton", inputs, 1.0, TOLERANCE[torch.float32])  # compiles
+    direct = mock.Mock(wraps=common.CompiledLaunch.__call__)
     common.triton.knobs.runtime.launch_enter_hook.add(hook)
     try:
-        check_against_oracle("triton", inputs, 1.0, TOLERANCE[torch.float32])
+        with mock.patch.object(common.CompiledLaunch, "__call__", lambda self, *args: direct(self, *args)):
+            check_against_oracle("triton", inputs, 1.0, TOLERANCE[torch.float32])
     finally:
         common.triton.knobs.runtime.launch_enter_hook.remove(hook)
+    assert direct.call_count > 0, "no launch went the direct way"
+    assert len(launched) == direct.call_count, "a direct launch skipped the hook (or a launch was not direct)"
     assert any("rank_down" in name for name in launched), launched

@@ -193,9 +193,10 @@ def sorsa_linear(
     if weight is not None and weight.dtype != x.dtype:
         raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}; they must match (or run under autocast)")
     name = resolve("sorsa_linear", backend, x.device)
-    rows = x.reshape(-1, x.shape[-1])
+    # A 2-D x goes in as is: a reshape would add two view nodes to the autograd graph.
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, U, S, Vt, bias)):
         y = SORSALinearFunction.apply(rows, weight, U, S, Vt, bias, float(scale), name)
     else:  # inference: no autograd node to build, and z is dropped at once
         y = _forward(rows, weight, U, S, Vt, bias, float(scale), name)[0]
-    return y.reshape(*x.shape[:-1], U.shape[0])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], U.shape[0])

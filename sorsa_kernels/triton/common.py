@@ -14,6 +14,19 @@ try:
 except ImportError:  # triton < 3.4: no host tensor descriptors
     TensorDescriptor = None
 
+if TensorDescriptor is not None:
+
+    class PlannedDescriptor(TensorDescriptor):
+        """A host tensor descriptor for a launch whose plan checked the layout once (16-byte
+        aligned base and strides, unit last stride, power-of-two box): Triton's checks, a few
+        microseconds per descriptor, are not repeated on every launch."""
+
+        def __post_init__(self):
+            pass
+
+else:
+    PlannedDescriptor = None
+
 
 def on_device(device: torch.device):
     """Make ``device`` current while kernels are launched for its tensors (Triton launches on
@@ -103,11 +116,13 @@ class CompiledLaunch:
 
 
 def layout_key(*tensors) -> tuple:
-    """What a launch depends on of each tensor (or None) besides its data: shape, strides, dtype,
-    device and whether it starts on 16 bytes (Triton compiles a kernel per pointer alignment). A
-    launch whose other arguments are fixed too can repeat as a :class:`KernelLaunch`."""
-    return tuple(
-        None if t is None else (t.shape, t.stride(), t.dtype, t.get_device(), t.data_ptr() % 16 == 0) for t in tensors
+    """What a launch depends on of its tensors (the first one a tensor, the others tensors or
+    None, all on one device) besides their data: the device, and each one's shape, strides, dtype
+    and whether it starts on 16 bytes (Triton compiles a kernel per pointer alignment). A launch
+    whose other arguments are fixed too can repeat as a :class:`KernelLaunch`."""
+    return (
+        tensors[0].get_device(),
+        *[None if t is None else (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0) for t in tensors],
     )
 
 

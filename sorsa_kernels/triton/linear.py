@@ -66,11 +66,11 @@ from triton.runtime import OutOfResources
 
 from sorsa_kernels.backends import _triton_interpreted
 from sorsa_kernels.reference.linear import accumulation_dtype
-from sorsa_kernels.triton.common import KernelLaunch, TensorDescriptor, layout_key, on_device
+from sorsa_kernels.triton.common import KernelLaunch, PlannedDescriptor, layout_key, on_device
 
 # TMA tiles need host tensor descriptors and their load/store methods in kernels (triton >= 3.4);
 # without them the pointer kernel serves every shape.
-HAS_TMA = TensorDescriptor is not None and hasattr(tl, "make_tensor_descriptor")
+HAS_TMA = PlannedDescriptor is not None and hasattr(tl, "make_tensor_descriptor")
 
 # ----------------------------------------------------------------------------------------------
 # Device helpers shared by the kernels
@@ -565,8 +565,8 @@ def _extended_matmul_plan(a, b, t, tb, S, bias, out, scale, config: Config):
         scalars = (rows, cols, inner, rank, scale_hi, scale_lo, programs, out_strides[0], *t_strides, *tb_strides)
 
         def plan_tma(a, b, t, tb, S, bias, out):
-            c = TensorDescriptor(out, *c_box) if tma_store else out
-            launch(TensorDescriptor(a, *a_box), TensorDescriptor(b, *b_box), c, t, tb, S, bias, *scalars)
+            c = PlannedDescriptor(out, *c_box) if tma_store else out
+            launch(PlannedDescriptor(a, *a_box), PlannedDescriptor(b, *b_box), c, t, tb, S, bias, *scalars)
 
         return plan_tma
     launch = KernelLaunch(

@@ -393,8 +393,11 @@ def _deviation_block(gram, gram_width, rows, cols, rank, ACC_DTYPE: tl.constexpr
 def _gradient_rows(ptr, stride_l, stride_r, out, out_stride_l, out_stride_r, row_start, row_end, rank, cols,
                    gram, gram_width, d_hi, d_lo, d_inverse, coeff, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                    ACCUMULATE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   NUM_K: tl.constexpr, VECTOR: tl.constexpr):
-    for start in range(row_start, row_end, BLOCK_L):
+                   NUM_K: tl.constexpr, VECTOR: tl.constexpr, OUTPUT_STAGES: tl.constexpr):
+    # With OUTPUT_STAGES the loop's stage count is explicit, which makes the pipeliner prefetch
+    # every load in it, the .grad tiles that ACCUMULATE reads too (otherwise they are plain loads
+    # waited for in each iteration: at r = 16 that latency bounds the loop).
+    for start in tl.range(row_start, row_end, BLOCK_L, num_stages=OUTPUT_STAGES):
         rows = start + tl.arange(0, BLOCK_L)
         targets = _tile_pointers(out, rows, cols, out_stride_l, out_stride_r, VECTOR)
         mask = (rows[:, None] < row_end) & (cols[None, :] < rank)
@@ -422,7 +425,8 @@ def _gradient_rows(ptr, stride_l, stride_r, out, out_stride_l, out_stride_r, row
 def _gradient_item(item, mats, outs, out_base, deviations, norms, arrivals, factor, gram_stride, gram_width, count,
                    official, DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                    WAIT: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, NUM_K: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr):
+                   BLOCK_K: tl.constexpr, NUM_K: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
+                   OUTPUT_STAGES: tl.constexpr):
     gram_width = tl.multiple_of(gram_width, 16)
     gram_stride = tl.multiple_of(gram_stride, 256)
     local = tl.load(item + WORK_MATRIX)
@@ -475,7 +479,7 @@ def _gradient_item(item, mats, outs, out_base, deviations, norms, arrivals, fact
                 out_stride_l = tl.multiple_of(out_stride_l, VEC)
             _gradient_rows(ptr, stride_l, 1, out, out_stride_l, 1, row_start, row_end, rank, cols, gram, gram_width,
                            d_hi, d_lo, d_inverse, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K,
-                           NUM_K, ALIGNED)
+                           NUM_K, ALIGNED, OUTPUT_STAGES)
         elif kind == COL_MAJOR:
             stride_r = tl.load(entry + MAT_STRIDE_R)
             out_stride_r = tl.load(out_entry + OUT_STRIDE_R)
@@ -484,12 +488,12 @@ def _gradient_item(item, mats, outs, out_base, deviations, norms, arrivals, fact
                 out_stride_r = tl.multiple_of(out_stride_r, VEC)
             _gradient_rows(ptr, 1, stride_r, out, 1, out_stride_r, row_start, row_end, rank, cols, gram, gram_width,
                            d_hi, d_lo, d_inverse, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K,
-                           NUM_K, ALIGNED)
+                           NUM_K, ALIGNED, OUTPUT_STAGES)
         else:
             _gradient_rows(ptr, tl.load(entry + MAT_STRIDE_L), tl.load(entry + MAT_STRIDE_R), out,
                            tl.load(out_entry + OUT_STRIDE_L), tl.load(out_entry + OUT_STRIDE_R), row_start, row_end,
                            rank, cols, gram, gram_width, d_hi, d_lo, d_inverse, coeff, ACC_DTYPE, PRECISION,
-                           ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K, NUM_K, False)
+                           ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K, NUM_K, False, OUTPUT_STAGES)
 
 
 # Integers that vary between calls or factor sets are not specialized on (fewer compilations).
@@ -502,7 +506,8 @@ def _ortho_kernel(mats, outs, out_base, work, num_items, queue, arrivals, deviat
                   ACCUMULATE: tl.constexpr, GRAM_ROWS: tl.constexpr, GRADIENT_ROWS: tl.constexpr,
                   BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   NUM_K: tl.constexpr, COMPLETE_ROWS: tl.constexpr, ALIGNED: tl.constexpr,
-                  OUT_ALIGNED: tl.constexpr, VEC: tl.constexpr, VALUE_BLOCK: tl.constexpr):
+                  OUT_ALIGNED: tl.constexpr, VEC: tl.constexpr, VALUE_BLOCK: tl.constexpr,
+                  OUTPUT_STAGES: tl.constexpr):
     """The work queue of one dtype group; GRAM and GRADIENT_PHASE say which kinds of items it
     holds (both: gradient items wait for their matrix), VALUE that the last program to finish
     sums the norms of all ``value_count`` matrices into ``value``."""
@@ -517,7 +522,7 @@ def _ortho_kernel(mats, outs, out_base, work, num_items, queue, arrivals, deviat
             if tl.load(item + WORK_PHASE) == GRADIENT:
                 _gradient_item(item, mats, outs, out_base, deviations, norms, arrivals, factor, gram_stride, gram_width,
                                count, official, DTYPE, ACC_DTYPE, PRECISION, True, ACCUMULATE, GRADIENT_ROWS,
-                               BLOCK_N, BLOCK_K, NUM_K, OUT_ALIGNED, VEC)
+                               BLOCK_N, BLOCK_K, NUM_K, OUT_ALIGNED, VEC, OUTPUT_STAGES)
             else:
                 _gram_item(item, mats, deviations, norms, arrivals, gram_stride, gram_width, DTYPE, ACC_DTYPE, PRECISION,
                            GRAM_ROWS, BLOCK, NUM_BLOCKS, BLOCK_K, NUM_K, COMPLETE_ROWS, ALIGNED, VEC)
@@ -527,7 +532,7 @@ def _ortho_kernel(mats, outs, out_base, work, num_items, queue, arrivals, deviat
         else:
             _gradient_item(item, mats, outs, out_base, deviations, norms, arrivals, factor, gram_stride, gram_width, count,
                            official, DTYPE, ACC_DTYPE, PRECISION, False, ACCUMULATE, GRADIENT_ROWS, BLOCK_N,
-                           BLOCK_K, NUM_K, OUT_ALIGNED, VEC)
+                           BLOCK_K, NUM_K, OUT_ALIGNED, VEC, OUTPUT_STAGES)
         ticket = tl.atomic_add(queue + TICKET, 1, sem="relaxed")
     if VALUE:
         tl.debug_barrier()
@@ -558,7 +563,9 @@ class Config:
     the rows that all programs hold at once (``programs × chunk_rows``; ``inf``: every Gram
     item first); ``programs_per_sm``: the grid is this many programs per SM; ``gram_block``: the
     widest Gram block one item sums (a rank above it is cut into block pairs, each its own
-    item: smaller accumulators and fewer products, the rows read once per block pair).
+    item: smaller accumulators and fewer products, the rows read once per block pair);
+    ``output_stages``: when set, the gradient loop is pipelined this deep over the ``.grad``
+    tiles it reads as well as the factor tiles (shared memory for both).
     """
 
     gram_rows: int
@@ -570,6 +577,7 @@ class Config:
     num_stages: int = 2
     programs_per_sm: int = 1
     gram_block: int = MAX_GRAM_BLOCK
+    output_stages: int | None = None
 
     def __post_init__(self):
         if self.chunk_rows % self.gram_rows or self.chunk_rows % self.gradient_rows:
@@ -617,14 +625,21 @@ def default_configs(precision: int, block_r: int, itemsize: int) -> list[Config]
         return fallbacks
     # Tiles of 4096 elements and two 4-warp programs per SM (both resident; ptxas spills under
     # 200 bytes): on an H100 (Llama-2-7B set, float32) r = 64 took 1.09 ms against 1.89 ms for
-    # 2048-element tiles and one program, r = 32 0.58–0.89 ms against 0.95 ms. At r = 16 two
-    # programs ran either at 0.28 ms or at 0.7 ms from one timing to the next, so it keeps one,
-    # with 256-row tiles (Llama-2-7B set: 0.38 ms, where a benchmark run with 128-row tiles took
-    # 0.54 ms).
+    # 2048-element tiles and one program, r = 32 0.58–0.89 ms against 0.95 ms.
     tile_rows = 4096 // block_r
-    programs_per_sm = 1 if block_r < 32 else 2
-    return [Config(tile_rows, tile_rows, block_r, chunk, 1.0, 4, 3, programs_per_sm),
-            Config(32, 32, block_r, chunk, 1.0, 4, 2), Config(16, 16, block_r, chunk, 1.0, 4, 1)]
+    if block_r == 16:
+        # At r = 16 the gradient loop is bound by the latency of the .grad tiles it adds to,
+        # unless it prefetches them too (output_stages), which 2048-element gradient tiles leave
+        # room for at two programs per SM. H100, four interleaved runs per configuration (the
+        # same configuration varies between runs by up to 2x, cause not found): Llama-2-7B
+        # 0.297–0.45 ms, Llama-3-8B 0.319–0.377 ms, against 0.384–0.53 and 0.403–0.78 ms for
+        # 256-row tiles at one program per SM without the prefetch. At r = 32, 64 the prefetch
+        # takes the second program's room and was slower (0.71 against 0.58 ms, 1.40 against
+        # 1.08 ms).
+        first = Config(tile_rows, tile_rows // 2, block_r, chunk, 1.0, 4, 3, 2, output_stages=3)
+    else:
+        first = Config(tile_rows, tile_rows, block_r, chunk, 1.0, 4, 3, 2)
+    return [first, Config(32, 32, block_r, chunk, 1.0, 4, 2), Config(16, 16, block_r, chunk, 1.0, 4, 1)]
 
 
 def _precision(dtype: torch.dtype) -> int:
@@ -970,6 +985,7 @@ def _first_launch(plan: Plan, group: _Group, variant: tuple, per_call: dict) -> 
             BLOCK_K=group.block_k, NUM_K=group.block_r // group.block_k,
             COMPLETE_ROWS=_complete_rows(group.block_r, group.block_k, config.num_warps),
             ALIGNED=group.aligned, OUT_ALIGNED=out_aligned, VEC=group.vec, VALUE_BLOCK=1024,
+            OUTPUT_STAGES=config.output_stages,
             **{name: per_call[name] for name in _PER_CALL},
         )
         try:
