@@ -213,12 +213,19 @@ _plans: dict[tuple, object] = {}
 _PLANS_KEPT = 4096
 
 
-def _launch_planned(key: tuple, tensors: tuple, make_plan) -> None:
-    """Launch the plan cached for ``key`` on ``tensors``; on a miss, ``make_plan()`` returns
-    ``(plan, final)`` and a final one is kept."""
+def _launch(tag: str, tensors: tuple, build, tuning_key, candidates, config=None, reset=None, scale=None) -> None:
+    """Launch ``build(config)(*tensors)``: with ``config`` given, that one (benchmarks, sweeps);
+    else the plan kept for these tensors' layout, made on a miss from the configuration tuned for
+    ``tuning_key()`` among ``candidates()`` (see :func:`_choose`, whose ``reset`` this passes) and
+    kept unless provisional (chosen inside a CUDA graph capture)."""
+    if config is not None:
+        build(config)(*tensors)
+        return
+    key = (tag, layout_key(*tensors), scale, _mode(tensors[0].dtype))
     plan = _plans.get(key)
     if plan is None:
-        plan, final = make_plan()
+        chosen, final = _choose(tuning_key(), candidates, lambda c: functools.partial(build(c), *tensors), reset)
+        plan = build(chosen)
         if final:
             if len(_plans) >= _PLANS_KEPT:
                 del _plans[next(iter(_plans))]
@@ -503,16 +510,8 @@ def extended_matmul(a, b, t, tb, S, scale, bias, out, config: Config | None = No
     ``config`` overrides the tuned choice (for benchmarks; see :func:`matmul_candidates`).
     """
     tensors = (a, b, t, tb, S, bias, out)
-    if config is not None:
-        _extended_matmul_plan(*tensors, scale, config)(*tensors)
-        return out
-
-    def make_plan():
-        config, final = _choose(_matmul_key(a, b, t, out), lambda: matmul_candidates(a, b, out),
-                                lambda c: functools.partial(_extended_matmul_plan(*tensors, scale, c), *tensors))  # fmt: skip
-        return _extended_matmul_plan(*tensors, scale, config), final
-
-    _launch_planned(("matmul", layout_key(*tensors), scale, _mode(a.dtype)), tensors, make_plan)
+    _launch("matmul", tensors, lambda c: _extended_matmul_plan(*tensors, scale, c), lambda: _matmul_key(a, b, t, out),
+            lambda: matmul_candidates(a, b, out), config, scale=scale)  # fmt: skip
     return out
 
 
@@ -703,20 +702,14 @@ def rank_down(a, b, out, config: Config | None = None):
     it enters as a's rounding plus the residue), out ``[M, r]`` in a's accumulation dtype; any strides.
     ``config`` overrides the tuned choice (see :func:`rank_down_candidates`)."""
     tensors = (a, b, out)
-    if config is not None:
-        _rank_down_plan(*tensors, config)(*tensors)
-        return out
 
-    def make_plan():
+    def tuning_key():
         rows, inner = a.shape
         a_strides = a.stride()
-        key = ("down", a.get_device(), a.dtype, b.dtype, _row_bucket(rows), inner, b.shape[1], _aligned(a, a_strides),
-               a_strides[1] == 1, b.stride()[0] == 1)  # fmt: skip
-        config, final = _choose(key, lambda: rank_down_candidates(a, b),
-                                lambda c: functools.partial(_rank_down_plan(*tensors, c), *tensors))  # fmt: skip
-        return _rank_down_plan(*tensors, config), final
+        return ("down", a.get_device(), a.dtype, b.dtype, _row_bucket(rows), inner, b.shape[1], _aligned(a, a_strides),
+                a_strides[1] == 1, b.stride()[0] == 1)  # fmt: skip
 
-    _launch_planned(("down", layout_key(*tensors), _mode(a.dtype)), tensors, make_plan)
+    _launch("down", tensors, lambda c: _rank_down_plan(*tensors, c), tuning_key, lambda: rank_down_candidates(a, b), config)
     return out
 
 
@@ -809,21 +802,15 @@ def row_reduction(a, t, S, scale, out, w=None, red=None, config: Config | None =
     :func:`row_reduction_candidates`).
     """
     tensors = (a, t, S, w, out, red)
-    if config is not None:
-        _row_reduction_plan(*tensors, scale, config)(*tensors)
-        return out
 
-    def make_plan():
+    def tuning_key():
         rows, columns = a.shape
         a_strides = a.stride()
-        key = ("reduction", a.get_device(), a.dtype, _row_bucket(rows), columns, t.shape[1], _aligned(a, a_strides),
-               a_strides[1] == 1, w is None)  # fmt: skip
-        config, final = _choose(key, lambda: row_reduction_candidates(a, t, w is not None),
-                                lambda c: functools.partial(_row_reduction_plan(*tensors, scale, c), *tensors),
-                                None if red is None else red.zero_)  # fmt: skip
-        return _row_reduction_plan(*tensors, scale, config), final
+        return ("reduction", a.get_device(), a.dtype, _row_bucket(rows), columns, t.shape[1], _aligned(a, a_strides),
+                a_strides[1] == 1, w is None)  # fmt: skip
 
-    _launch_planned(("reduction", layout_key(*tensors), scale, _mode(a.dtype)), tensors, make_plan)
+    _launch("reduction", tensors, lambda c: _row_reduction_plan(*tensors, scale, c), tuning_key,
+            lambda: row_reduction_candidates(a, t, w is not None), config, None if red is None else red.zero_, scale)  # fmt: skip
     return out
 
 
