@@ -1,8 +1,8 @@
 """Compile the ortho_reg Triton kernel for sm_90 (H100) without a GPU, as test_ortho runs it in a
-subprocess (TRITON_INTERPRET must be unset for that): the default configuration of the fused
-step (float32 as float16 pairs at R = 16, 32, 64 and 128; float32 TF32 and bfloat16 at R = 128)
-and of the autograd passes (float32 pairs, R = 128) must compile and fit the shared memory of one
-H100 block. Prints one line per variant with its shared memory, registers and spills (ptxas of
+subprocess (TRITON_INTERPRET must be unset for that): the default configuration of each launch of
+the step (float32 as float16 pairs at R = 16, 32, 64 and 128; float32 TF32 and bfloat16 at R =
+128) and of the autograd passes (float32 pairs, R = 128) must compile and fit the shared memory
+of one H100 block. Prints one line per variant with its shared memory, registers and spills (ptxas of
 the Triton install, on the PTX): spills are a matter for the benchmark (the fastest tiles
 measured spill a little, see ``default_configs``).
 
@@ -66,9 +66,9 @@ def compile_variant(dtype, precision: int, block_r: int, mode: str, config) -> t
     fn = ortho._ortho_kernel
     itemsize = dtype.primitive_bitwidth // 8
     constexprs = dict(
-        DTYPE=dtype, ACC_DTYPE=tl.float32, PRECISION=precision, GRAM=mode != "backward",
+        DTYPE=dtype, ACC_DTYPE=tl.float32, PRECISION=precision, GRAM=mode in ("forward", "step"),
         GRADIENT_PHASE=mode != "forward", VALUE=mode != "backward", SCALED=mode == "backward",
-        ACCUMULATE=mode == "step", GRAM_ROWS=config.gram_rows, GRADIENT_ROWS=config.gradient_rows,
+        ACCUMULATE=mode in ("step", "accumulate"), GRAM_ROWS=config.gram_rows, GRADIENT_ROWS=config.gradient_rows,
         BLOCK=min(block_r, config.gram_block), NUM_BLOCKS=max(1, block_r // config.gram_block),
         BLOCK_N=min(config.block_n, block_r), BLOCK_K=min(block_r, ortho.MAX_GRAM_BLOCK),
         NUM_K=max(1, block_r // ortho.MAX_GRAM_BLOCK),
@@ -105,11 +105,15 @@ def main():
             widths = (128,)
         for block_r in widths:
             itemsize = dtype.primitive_bitwidth // 8
-            configs = configs_of(block_r) if configs_of else ortho.default_configs(precision, block_r, itemsize)[:1]
-            # The fused step of every variant; the autograd passes of the main one (compile time).
-            main = precision == ortho.F32_SPLIT16.value and block_r == 128
-            for mode in ("step", "forward", "backward") if main or configs_of else ("step",):
-                for config in configs if mode == "step" else configs[:1]:
+            if configs_of:
+                modes = ("step", "forward", "backward")
+            elif ortho.two_launch_step(precision, block_r):  # the step's two launches, the autograd passes
+                modes = ("forward", "accumulate", "backward")
+            else:
+                modes = ("step",)
+            for mode in modes:
+                configs = configs_of(block_r) if configs_of else ortho.default_configs(precision, block_r, itemsize, mode)
+                for config in configs if configs_of and mode == "step" else configs[:1]:
                     shared, registers, spills = compile_variant(dtype, precision, block_r, mode, config)
                     bad = shared > H100_SHARED_BYTES
                     print(f"{'FAIL ' if bad else ''}{mode} {dtype} precision {precision} R={block_r} {config}: "

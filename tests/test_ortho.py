@@ -172,6 +172,27 @@ def test_grad_adds_into_existing_and_allocates_missing(backend, form):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", FORMS)
+def test_grad_at_gram_width_128_beside_another_dtype(backend, form):
+    """float32 factors of ranks 65 to 128 take the step as two launches (Gram matrices, then
+    gradients added into .grad; see two_launch_step), the float64 group after them one launch
+    that sums the value of both."""
+    Us = [factor((150, 100), torch.float32), factor((40, 70), torch.float32), factor((30, 6), torch.float64)]
+    Vts = [factor((128, 131), torch.float32, tall_dim=1), factor((5, 29), torch.float64, tall_dim=1)]
+    before = {}
+    for i, p in enumerate(Us + Vts):
+        p.grad = torch.randn_like(p)
+        before[i] = p.grad.clone()
+    with poisoned_allocations():
+        value = ortho_reg_grad_(Us, Vts, 0.7, form, backend=backend)
+    ref_value, ref_grads = expected(Us, Vts, form)
+    assert value.dtype == torch.float64
+    assert_close(value, ref_value, 1e-5, "value")
+    for i, (p, ref) in enumerate(zip(Us + Vts, ref_grads)):
+        assert_close(p.grad, 0.7 * ref + before[i].double(), 1e-5, f"grad {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_float64_keeps_the_coefficient_exact(backend):
     """0.1 is not a float32: a coefficient rounded to one would be off by 1.5e-9."""
     Us, Vts = make(MIXED, torch.float64)
@@ -322,7 +343,7 @@ def _tiles(intervals, length):
     return position == length
 
 
-@pytest.mark.parametrize("mode", ["step", "forward", "backward"])
+@pytest.mark.parametrize("mode", ["step", "forward", "backward", "accumulate"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 @pytest.mark.parametrize("lag", [0.0, 0.5, math.inf])
 @pytest.mark.parametrize("gram_block", [64, 128])
@@ -351,7 +372,7 @@ def test_work_queue_covers_every_row_once_in_a_safe_order(mode, deterministic, l
     for m, (length, rank) in enumerate(QUEUE_SHAPES):
         blocks = -(-rank // gram_block)
         pairs = {(a, b) for a in range(blocks) for b in range(a, blocks)}
-        if mode != "backward":
+        if mode in ("step", "forward"):
             assert {key[1:] for key in gram if key[0] == m} == pairs
             assert all(_tiles(gram[(m, *pair)], length) for pair in pairs)
             assert counts[m] == {sum(len(gram[(m, *pair)]) for pair in pairs)}

@@ -1,5 +1,6 @@
 """Triton backend of ``ortho_reg``: one persistent launch per dtype computes every Gram matrix,
-every norm, the value and every gradient.
+every norm, the value and every gradient (or two, one for the Gram matrices and one for the
+gradients, where the two kinds of work want different programs: see :func:`two_launch_step`).
 
 Interface: :mod:`sorsa_kernels.reference.ortho`. Each factor is read as its tall matrix
 ``X [L, r]`` (``U`` as is, ``Vt`` through ``Vtᵀ``) through device-side tables of data pointers,
@@ -19,8 +20,9 @@ One launch, a queue of work items
     one block of columns): it waits until its matrix is released, computes the coefficient of
     the chosen form from the norm, and writes or adds ``coeff·X·D`` into the output. The
     program that leaves last sums the norms into the value, in a fixed order. Both kinds of
-    item are separate (noinline) functions: their registers are allocated apart, and nothing
-    they compute is hoisted out of the queue loop to stay live across it.
+    item are separate (noinline) functions: nothing they compute is hoisted out of the queue
+    loop to stay live across it. (The launch still has one register allocation per program,
+    the larger of the two: a launch of one kind of item alone gets its own.)
 
 Order of the queue (host side, :func:`_work_order`)
     A matrix's gradient items come after all of its Gram items and, for the re-read of ``X``
@@ -589,15 +591,28 @@ class Config:
 override: Config | None = None
 
 
-def _candidates(precision: int, block_r: int, itemsize: int) -> list[Config]:
+def _candidates(precision: int, block_r: int, itemsize: int, mode: str) -> list[Config]:
     """Configurations to try in order: a later one is used when an earlier one runs out of
     registers or shared memory."""
-    return [override] if override is not None else default_configs(precision, block_r, itemsize)
+    return [override] if override is not None else default_configs(precision, block_r, itemsize, mode)
 
 
-def default_configs(precision: int, block_r: int, itemsize: int) -> list[Config]:
-    """The default configurations for a precision plan, Gram width and factor itemsize, in
-    order of preference."""
+def two_launch_step(precision: int, block_r: int) -> bool:
+    """Whether ``step_`` runs as two launches (every Gram matrix, then every gradient) rather than
+    one: where the two kinds of items want different programs. Float32 pairs at Gram width 128
+    on an H100: the Gram items run fastest as one 8-warp program per SM, the gradient items as
+    two 4-warp programs with narrower tiles, and a fused launch gives both the Gram items'
+    shape (its one register allocation, 255 registers, serves both). Llama-2-7B set: 1.05 ms
+    + 1.68 ms against 3.0 ms fused (Llama-3-8B 1.10 + 1.77 against 3.17 ms). At r = 16 the
+    fused launch was faster in the same runs (0.30 ms at best against 0.14 + 0.21 ms; raw:
+    bench/results/ortho-split-probe-*.txt)."""
+    return precision == F32_SPLIT16.value and block_r == MAX_GRAM_BLOCK
+
+
+def default_configs(precision: int, block_r: int, itemsize: int, mode: str = "step") -> list[Config]:
+    """The default configurations for a precision plan, Gram width, factor itemsize and launch
+    mode (``"forward"``: Gram items alone; ``"backward"``, ``"accumulate"``: gradient items
+    alone; ``"step"``: both), in order of preference."""
     if _triton_interpreted():
         # Small chunks: many Gram items per matrix and gradient items interleaved with them.
         return [Config(16, 16, min(block_r, 32), 32, lag=1.0, programs_per_sm=2)]
@@ -612,17 +627,22 @@ def default_configs(precision: int, block_r: int, itemsize: int) -> list[Config]
     if block_r > MAX_GRAM_BLOCK:  # block pairs and blocks of G − I: a correctness path, kept small
         return [Config(16, 16, 64, chunk, 1.0, 8, 2), Config(16, 16, 32, chunk, 1.0, 4, 1)]
     if block_r == MAX_GRAM_BLOCK:
-        # Gradient items span every column, so each row is read (and split) once, in 128-row
-        # tiles that run wgmma. Fastest measured on an H100 although ptxas spills about 1.7 KB
-        # (float32, 256 KiB items): 3.2 ms per Llama-2-7B step against 3.6 ms for 64 columns,
-        # 3.9 ms for 64 rows and 4.8 ms for the spill-free 32-row, 64-column tiles.
-        # The other plans keep the spill-free 32-row gradient tiles (the float32 TF32 operands
-        # of the 128-row ones overflow shared memory; 16-bit factors were not timed with them).
+        # The plans other than float32 pairs keep spill-free 32-row gradient tiles (the float32
+        # TF32 operands of 128-row ones overflow shared memory; 16-bit factors were not timed
+        # with them).
         fallbacks = [Config(rows, 32, block_r, chunk, 1.0, 8, 3), Config(rows, 32, block_r, chunk, 1.0, 8, 2),
                      Config(16, 16, 32, chunk, 1.0, 4, 1)]
-        if precision == F32_SPLIT16.value:
-            return [Config(64, 128, block_r, chunk, 1.0, 8, 2)] + fallbacks
-        return fallbacks
+        if precision != F32_SPLIT16.value:
+            return fallbacks
+        # Float32 pairs take the step as two launches (two_launch_step), each with its own
+        # programs. H100, Llama-2-7B set: the Gram launch in 64-row tiles three stages deep at one
+        # 8-warp program per SM, 1.05 ms (1.17 ms two stages deep); the gradients added into
+        # .grad by two 4-warp programs per SM on 64×64 tiles, 1.68 ms, against 1.97 ms for
+        # 128×128 tiles at one 8-warp program, 1.84 ms for 32×128 tiles, and 2.8 ms where a
+        # second stage or prefetched .grad tiles leave room for one program per SM.
+        if mode == "forward":
+            return [Config(64, 128, block_r, chunk, 1.0, 8, 3)] + fallbacks
+        return [Config(64, 64, 64, chunk, 1.0, 4, 2, programs_per_sm=2)] + fallbacks
     # Tiles of 4096 elements and two 4-warp programs per SM (both resident; ptxas spills under
     # 200 bytes): on an H100 (Llama-2-7B set, float32) r = 64 took 1.09 ms against 1.89 ms for
     # 2048-element tiles and one program, r = 32 0.58–0.89 ms against 0.95 ms.
@@ -676,8 +696,9 @@ def _chunks(length: int, rows: int) -> list[tuple[int, int]]:
 def _work_order(shapes, mode: str, deterministic: bool, config: Config, programs: int, gram_block: int,
                 block_n: int) -> list[list[int]]:
     """The work queue of one launch: rows of the work table for matrices of ``shapes``
-    (``(length, rank)`` each). ``mode``: ``"forward"`` (Gram items), ``"backward"`` (gradient
-    items) or ``"step"`` (both, every matrix's Gram items before its gradient items)."""
+    (``(length, rank)`` each). ``mode``: ``"forward"`` (Gram items), ``"backward"`` or
+    ``"accumulate"`` (gradient items) or ``"step"`` (both, every matrix's Gram items before its
+    gradient items)."""
     gram, gradient = [], []  # (sort key, row)
     position = 0
     finish = _estimated_gram_finish(shapes, programs, gram_block) if deterministic else None
@@ -703,7 +724,7 @@ def _work_order(shapes, mode: str, deterministic: bool, config: Config, programs
         position += length
     if mode == "forward":
         items = gram
-    elif mode == "backward":
+    elif mode in ("backward", "accumulate"):
         items = gradient
     elif deterministic:
         items = sorted(gram, key=lambda item: item[0]) + sorted(gradient, key=lambda item: item[0])
@@ -848,7 +869,9 @@ class Plan:
         gram_elements = self.count * self.width * self.width
         self._norms_at = gram_elements
         self._counters_at = gram_elements + self.count
-        counter_ints = QUEUE_SLOTS * len(self.groups) + self.count
+        # Two queues per group (a two-launch step takes the second for its gradient launch).
+        self._queue_ints = 2 * QUEUE_SLOTS * len(self.groups)
+        counter_ints = self._queue_ints + self.count
         ints_per_element = self.gram_dtype.itemsize // 4
         self._workspace_elements = self._counters_at + -(-counter_ints // ints_per_element)
         # {data pointers of the outputs: per group (device table, aligned)}: .grad tensors are
@@ -868,10 +891,15 @@ class Plan:
         counters = workspace[self._counters_at :].view(torch.int32)
         return deviations, norms, counters
 
+    def counters(self) -> torch.Tensor:
+        """Zeroed counters alone, for launches that reuse the Gram matrices of an earlier call."""
+        return torch.zeros(self._queue_ints + self.count, dtype=torch.int32, device=self.device)
+
     def per_call(self, group, counters, deviations, norms, value, *, official, outs=None, out_base=0, out_aligned=False,
-                 scale=None, coeff=1.0) -> dict:
-        """The kernel arguments of one call for ``group``."""
-        number = self.groups.index(group)
+                 scale=None, coeff=1.0, second_launch=False) -> dict:
+        """The kernel arguments of one call for ``group`` (``second_launch``: the gradient launch
+        of a two-launch step, which takes the group's second queue)."""
+        number = self.groups.index(group) + second_launch * len(self.groups)
         # Float arguments are float32: the coefficient goes as a pair (exact to 2^-48 when finite).
         coeff_hi = float(numpy.float32(coeff))
         coeff_lo = coeff - coeff_hi if math.isfinite(coeff_hi) else 0.0
@@ -879,7 +907,7 @@ class Plan:
         return dict(
             outs=group.mats if outs is None else outs, out_base=out_base, deviations=deviations, norms=norms,
             value=norms if value is None else value, queue=counters[QUEUE_SLOTS * number : QUEUE_SLOTS * (number + 1)],
-            arrivals=counters[QUEUE_SLOTS * len(self.groups) :], scale=norms if scale is None else scale,
+            arrivals=counters[self._queue_ints :], scale=norms if scale is None else scale,
             coeff_hi=coeff_hi, coeff_lo=coeff_lo, official=official,
             variant=(value is not None, scale is not None, out_aligned),
         )
@@ -969,7 +997,7 @@ def _first_launch(plan: Plan, group: _Group, variant: tuple, per_call: dict) -> 
     """Compile (or find) the kernel of ``variant``, trying the candidate configurations in
     order, and run it; returns what repeats the launch (None under the interpreter)."""
     mode, precision, deterministic, has_value, scaled, out_aligned, _ = variant
-    candidates = _candidates(precision, group.block_r, group.itemsize)
+    candidates = _candidates(precision, group.block_r, group.itemsize, mode)
     key = ((group.dtype, group.block_r, group.aligned) + variant, tuple(candidates))
     for i in range(_chosen.get(key, 0), len(candidates)):
         config = candidates[i]
@@ -978,8 +1006,8 @@ def _first_launch(plan: Plan, group: _Group, variant: tuple, per_call: dict) -> 
         arguments = dict(
             mats=group.mats, work=work, num_items=num_items, gram_stride=plan.width * plan.width,
             gram_width=plan.width, count=plan.count, value_count=plan.count,
-            DTYPE=group.tl_dtype, ACC_DTYPE=_accumulator(precision), PRECISION=precision, GRAM=mode != "backward",
-            GRADIENT_PHASE=mode != "forward", VALUE=has_value, SCALED=scaled, ACCUMULATE=mode == "step",
+            DTYPE=group.tl_dtype, ACC_DTYPE=_accumulator(precision), PRECISION=precision, GRAM=mode in ("forward", "step"),
+            GRADIENT_PHASE=mode != "forward", VALUE=has_value, SCALED=scaled, ACCUMULATE=mode in ("step", "accumulate"),
             GRAM_ROWS=config.gram_rows, GRADIENT_ROWS=config.gradient_rows, BLOCK=group.gram_block(config),
             NUM_BLOCKS=group.block_r // group.gram_block(config), BLOCK_N=min(config.block_n, group.block_r),
             BLOCK_K=group.block_k, NUM_K=group.block_r // group.block_k,
@@ -1022,7 +1050,7 @@ def forward(plan: Plan, Us, Vts, form):
 
 
 def backward(plan: Plan, Us, Vts, deviations, norms, form, scale, wanted):
-    counters = torch.zeros(QUEUE_SLOTS * len(plan.groups) + plan.count, dtype=torch.int32, device=plan.device)
+    counters = plan.counters()
     official = int(form == "official")
     grads = [None] * plan.count
     with on_device(plan.device):
@@ -1048,6 +1076,12 @@ def step_(plan: Plan, Us, Vts, form, coeff, outs):
     with on_device(plan.device):
         for group, (table, aligned) in zip(plan.groups, plan.output_tables(outs)):
             last = group is plan.groups[-1]
-            _run(plan, group, "step", plan.per_call(group, counters, deviations, norms, value if last else None,
-                                                    official=official, outs=table, out_aligned=aligned, coeff=coeff))
+            gradients = dict(official=official, outs=table, out_aligned=aligned, coeff=coeff)
+            if two_launch_step(_precision(group.dtype), group.block_r):
+                _run(plan, group, "forward", plan.per_call(group, counters, deviations, norms, None, official=official))
+                _run(plan, group, "accumulate", plan.per_call(group, counters, deviations, norms, value if last else None,
+                                                              second_launch=True, **gradients))
+            else:
+                _run(plan, group, "step", plan.per_call(group, counters, deviations, norms, value if last else None,
+                                                        **gradients))
     return value

@@ -1,0 +1,105 @@
+"""The ortho step's two kinds of work launched apart (every Gram matrix; every gradient added into
+.grad), each timed alone under several configurations, beside the default step, for the
+Llama-2-7B and Llama-3-8B adapter sets at r = 128 (``--r16``: r = 16). What chose
+``two_launch_step`` and the per-mode defaults of ``sorsa_kernels.triton.ortho``; raw output in
+``bench/results/ortho-split-probe-*.txt``. ``python bench/probe_ortho_split.py [--r16]`` on a GPU."""
+
+import dataclasses
+import functools
+import sys
+
+import torch
+from triton.runtime import OutOfResources
+
+from sorsa_kernels import ortho_reg_grad_
+from sorsa_kernels.benchmark.common import median_ms
+from sorsa_kernels.benchmark.ortho import LLAMA2_7B, LLAMA3_8B, adapter_set
+from sorsa_kernels.triton import ortho as T
+
+
+def phases(plan, grads):
+    """(gram launch, accumulate launch) closures over one workspace."""
+    deviations, norms, counters = plan.workspace()
+    value = torch.empty((), dtype=plan.gram_dtype, device=plan.device)
+    tables = plan.output_tables(grads)
+
+    def gram():
+        counters.zero_()
+        for group in plan.groups:
+            T._run(plan, group, "forward", plan.per_call(group, counters, deviations, norms, None, official=1))
+
+    def accumulate():
+        counters.zero_()
+        for group, (table, aligned) in zip(plan.groups, tables):
+            T._run(
+                plan,
+                group,
+                "accumulate",
+                plan.per_call(
+                    group, counters, deviations, norms, value, official=1, outs=table, out_aligned=aligned, coeff=0.1
+                ),
+            )
+
+    return gram, accumulate
+
+
+def main():
+    sets = [("llama2 r=128", LLAMA2_7B, 128), ("llama3 r=128", LLAMA3_8B, 128)]
+    if "--r16" in sys.argv:
+        sets = [("llama2 r=16", LLAMA2_7B, 16), ("llama3 r=16", LLAMA3_8B, 16)]
+    print(torch.cuda.get_device_name())
+    for name, layer, rank in sets:
+        Us, Vts = adapter_set(layer, 32, rank, "cuda")
+        grads = [p.grad for p in Us + Vts]
+        plan = T.prepare(Us, Vts)
+        gram, accumulate = phases(plan, grads)
+        step = functools.partial(ortho_reg_grad_, Us, Vts, 0.1, "official")
+        base = T.default_configs(T.F32_SPLIT16.value, max(16, rank), 4)[0]
+        C = functools.partial(dataclasses.replace, base)
+        if rank == 128:
+            gram_configs = [C(), C(num_stages=3), C(num_stages=4), C(gram_rows=32, num_stages=4)]
+            narrow = {"gradient_rows": 64, "block_n": 64, "num_warps": 4}
+            accumulate_configs = [
+                C(),
+                C(**narrow, programs_per_sm=2),
+                C(**narrow, programs_per_sm=2, output_stages=2),
+                C(**narrow, num_stages=3, programs_per_sm=2),
+                C(gradient_rows=64, block_n=32, num_warps=4, num_stages=3, output_stages=3),
+                C(block_n=64, output_stages=2),
+                C(gradient_rows=32, num_warps=4, programs_per_sm=2),
+            ]
+        else:
+            gram_configs = [C(), C(programs_per_sm=3), C(programs_per_sm=4), C(gram_rows=128), C(num_warps=8)]
+            accumulate_configs = [
+                C(),
+                C(programs_per_sm=3),
+                C(programs_per_sm=4),
+                C(gradient_rows=256),
+                C(output_stages=2),
+            ]
+        rows = []
+        for round_ in range(2):
+            rows.append((f"ortho_reg_grad_ (the default step) #{round_}", median_ms(step)))
+            for phase, fn, configs in (("gram", gram, gram_configs), ("accumulate", accumulate, accumulate_configs)):
+                for config in configs:
+                    T.override = config
+                    try:
+                        ms = median_ms(fn)
+                    except OutOfResources as error:
+                        ms = float("nan")
+                        print(phase, config, type(error).__name__, str(error)[:100])
+                    T.override = None
+                    label = (
+                        f"{phase} g{config.gram_rows} d{config.gradient_rows} n{config.block_n} gb{config.gram_block} "
+                        f"w{config.num_warps} s{config.num_stages} pps{config.programs_per_sm} "
+                        f"os{config.output_stages} #{round_}"
+                    )
+                    rows.append((label, ms))
+        print(f"--- {name}")
+        for label, ms in rows:
+            print(f"  {label:70s} {ms:8.3f} ms")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
