@@ -66,9 +66,9 @@ def compile_variant(dtype, precision: int, block_r: int, mode: str, config) -> t
     fn = ortho._ortho_kernel
     itemsize = dtype.primitive_bitwidth // 8
     constexprs = dict(
-        DTYPE=dtype, ACC_DTYPE=tl.float32, PRECISION=precision, GRAM=mode in ("forward", "step"),
-        GRADIENT_PHASE=mode != "forward", VALUE=mode != "backward", SCALED=mode == "backward",
-        ACCUMULATE=mode in ("step", "accumulate"), GRAM_ROWS=config.gram_rows, GRADIENT_ROWS=config.gradient_rows,
+        DTYPE=dtype, ACC_DTYPE=tl.float32, PRECISION=precision, GRAM=ortho.LAUNCH_MODES[mode].gram,
+        GRADIENT_PHASE=ortho.LAUNCH_MODES[mode].gradient, VALUE=mode != "backward", SCALED=mode == "backward",
+        ACCUMULATE=ortho.LAUNCH_MODES[mode].accumulate, GRAM_ROWS=config.gram_rows, GRADIENT_ROWS=config.gradient_rows,
         BLOCK=min(block_r, config.gram_block), NUM_BLOCKS=max(1, block_r // config.gram_block),
         BLOCK_N=min(config.block_n, block_r), BLOCK_K=min(block_r, ortho.MAX_GRAM_BLOCK),
         NUM_K=max(1, block_r // ortho.MAX_GRAM_BLOCK),

@@ -81,6 +81,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
+import typing
 from collections import OrderedDict
 
 import numpy
@@ -591,6 +592,22 @@ class Config:
 override: Config | None = None
 
 
+class LaunchMode(typing.NamedTuple):
+    """What the queue of a launch holds, and whether its gradients add into the output."""
+
+    gram: bool
+    gradient: bool
+    accumulate: bool
+
+
+LAUNCH_MODES = {
+    "forward": LaunchMode(gram=True, gradient=False, accumulate=False),  # ortho_reg's value
+    "backward": LaunchMode(gram=False, gradient=True, accumulate=False),  # its gradients, new tensors
+    "step": LaunchMode(gram=True, gradient=True, accumulate=True),  # ortho_reg_grad_ in one launch
+    "accumulate": LaunchMode(gram=False, gradient=True, accumulate=True),  # its gradient launch (two_launch_step)
+}
+
+
 def _candidates(precision: int, block_r: int, itemsize: int, mode: str) -> list[Config]:
     """Configurations to try in order: a later one is used when an earlier one runs out of
     registers or shared memory."""
@@ -715,16 +732,16 @@ def _work_order(shapes, mode: str, deterministic: bool, config: Config, programs
         for start, end in _chunks(length, config.chunk_rows):
             if deterministic:
                 key = (finish[m], m, start)
-            elif mode == "step":
+            elif LAUNCH_MODES[mode].gram:
                 lag = math.inf if math.isinf(config.lag) else config.lag * programs * config.chunk_rows
                 key = (min(position + length + lag, math.inf), position + start)
             else:
                 key = (position + start,)
             gradient.extend((key, [m, start, end, GRADIENT.value, col, 0, count, 0]) for col in range(0, rank, block_n))
         position += length
-    if mode == "forward":
+    if not LAUNCH_MODES[mode].gradient:
         items = gram
-    elif mode in ("backward", "accumulate"):
+    elif not LAUNCH_MODES[mode].gram:
         items = gradient
     elif deterministic:
         items = sorted(gram, key=lambda item: item[0]) + sorted(gradient, key=lambda item: item[0])
@@ -1006,8 +1023,9 @@ def _first_launch(plan: Plan, group: _Group, variant: tuple, per_call: dict) -> 
         arguments = dict(
             mats=group.mats, work=work, num_items=num_items, gram_stride=plan.width * plan.width,
             gram_width=plan.width, count=plan.count, value_count=plan.count,
-            DTYPE=group.tl_dtype, ACC_DTYPE=_accumulator(precision), PRECISION=precision, GRAM=mode in ("forward", "step"),
-            GRADIENT_PHASE=mode != "forward", VALUE=has_value, SCALED=scaled, ACCUMULATE=mode in ("step", "accumulate"),
+            DTYPE=group.tl_dtype, ACC_DTYPE=_accumulator(precision), PRECISION=precision, GRAM=LAUNCH_MODES[mode].gram,
+            GRADIENT_PHASE=LAUNCH_MODES[mode].gradient, VALUE=has_value, SCALED=scaled,
+            ACCUMULATE=LAUNCH_MODES[mode].accumulate,
             GRAM_ROWS=config.gram_rows, GRADIENT_ROWS=config.gradient_rows, BLOCK=group.gram_block(config),
             NUM_BLOCKS=group.block_r // group.gram_block(config), BLOCK_N=min(config.block_n, group.block_r),
             BLOCK_K=group.block_k, NUM_K=group.block_r // group.block_k,
