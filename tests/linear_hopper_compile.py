@@ -19,7 +19,6 @@ from sorsa_kernels.benchmark.precompile import captured_launches, compile_all, r
 from sorsa_kernels.triton import linear  # noqa: E402
 
 H100_SHARED_BYTES = 232448
-KERNELS = [linear._extended_matmul_kernel, linear._extended_matmul_tma_kernel, linear._rank_down_kernel, linear._row_reduction_kernel]
 # (x dtype, adapter dtype, M, in, out, rank): the training shapes' classes (the smallest, the
 # largest and an oversized rank), unaligned rows, decode, and the other dtypes. (float16
 # compiles as bfloat16.)
@@ -38,7 +37,7 @@ def launches_of(case):
     dtype, adapter_dtype, rows, in_features, out_features, rank = case
     x, weight, U, S, Vt, dy = meta_step_inputs(rows, in_features, out_features, rank, dtype, adapter_dtype)
     labelled = []
-    with captured_launches(KERNELS) as launches:
+    with captured_launches(linear.KERNELS) as launches:
         for product in step_products(x, weight, U, S, Vt, dy, 0.5):
             assert product.candidates, f"{product.name}: no candidate configuration for {case}"
             for config in compiled_variants(product):

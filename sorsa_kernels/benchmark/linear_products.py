@@ -68,7 +68,7 @@ def step_products(x, weight, U, S, Vt, dy, scale, *, rank_zero=False) -> list[Pr
 
     def reduction(c):
         dS.zero_()  # row_reduction adds into it
-        return kernels.row_reduction(dy, z, S, scale, dU, U, dS, c)
+        return kernels.row_reduction(dy, z, S, scale, dU, U, dS, c, stage=True)
 
     gemm_flops = 2 * rows * in_features * out_features
     tail_flops = 0 if rank_zero else 2 * rows * rank * max(in_features, out_features)
@@ -79,7 +79,7 @@ def step_products(x, weight, U, S, Vt, dy, scale, *, rank_zero=False) -> list[Pr
         Product("y", lambda c=None: kernels.extended_matmul(x, weight.T, z_tail, U.T[tail], S[tail], scale, None, y, c),
                 kernels.matmul_candidates(x, weight.T, y), (y,), lambda: (y_reference(),),
                 (rows * (in_features + out_features) + in_features * out_features) * size, gemm_flops + tail_flops),
-        Product("dU+dS", reduction, kernels.row_reduction_candidates(dy, z, reduction=True), (dU, dS), dU_reference,
+        Product("dU+dS", reduction, kernels.row_reduction_candidates(dy, z, reduction=True, stage=True), (dU, dS), dU_reference,
                 rows * out_features * size + rows * rank * 4, 2 * rows * out_features * rank),
         Product("g", lambda c=None: kernels.rank_down(dy, U, g, c), kernels.rank_down_candidates(dy, U), (g,),
                 lambda: (dy.to(acc) @ U.to(acc),), rows * out_features * size + rank * out_features * adapter,
@@ -139,9 +139,7 @@ def precompile(cases, *, sweep=False, workers=None) -> tuple[int, list[str]]:
     target = gpu_target()
     if target is None:
         return 0, ["no GPU visible to nvidia-smi: nothing precompiled"]
-    kernels_ = [kernels._extended_matmul_kernel, kernels._extended_matmul_tma_kernel,
-                kernels._rank_down_kernel, kernels._row_reduction_kernel]  # fmt: skip
-    with captured_launches(kernels_) as launches:
+    with captured_launches(kernels.KERNELS) as launches:
         for rows, in_features, out_features, rank, dtype, adapter_dtype in cases:
             x, weight, U, S, Vt, dy = meta_step_inputs(rows, in_features, out_features, rank, dtype, adapter_dtype)
             for bare in (False, True) if sweep else (False,):

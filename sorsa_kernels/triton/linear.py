@@ -31,7 +31,10 @@ its K loop across programs.
 The skinny passes are memory-bound: their cost is reading ``a`` once, plus the ``[·, r]`` operand
 that every program reads again from L2 (``2r/BLOCK`` times the bytes of ``a`` for a float32 operand
 under 16-bit ``a``). Wide tiles (256 rows) keep that re-read small; a reduction that then has too
-few tiles to fill the GPU is split across programs (float atomics into a zeroed output).
+few tiles to fill the GPU is split across programs (float atomics into a zeroed output). A float32
+operand under 16-bit ``a`` is rounded in registers, or, in ``staged`` configurations, by a launch
+of its own ahead of the pass (see :func:`_stage`), which lets every product stay in flight while
+the next tiles load; the tuner chooses per shape.
 
 Precision: products accumulate in float32 (float64 for float64 inputs). 16-bit inputs meet the
 adapter operands rounded to their dtype on tensor cores (in ``rank_down`` plus the rounding
@@ -144,7 +147,9 @@ class Config:
     """One launch configuration: the kernel's constexpr meta-parameters, warps, pipeline stages,
     and ``split``, the programs that share each reduction (above 1 they add their partial sums
     with atomics into a zeroed output). ``tma`` picks :func:`extended_matmul`'s TMA kernel and
-    ``persistent`` its grid of one program per SM."""
+    ``persistent`` its grid of one program per SM. ``staged``: a skinny kernel's ``[·, r]``
+    operand, wider than the streamed one, is rounded to the streamed dtype by a launch of its own
+    first (see :func:`_stage`)."""
 
     meta: tuple[tuple[str, object], ...]
     warps: int = 4
@@ -152,10 +157,11 @@ class Config:
     split: int = 1
     tma: bool = False
     persistent: bool = False
+    staged: bool = False
 
     @staticmethod
-    def of(warps=4, stages=3, split=1, tma=False, persistent=False, **meta):
-        return Config(tuple(meta.items()), warps, stages, split, tma, persistent)
+    def of(warps=4, stages=3, split=1, tma=False, persistent=False, staged=False, **meta):
+        return Config(tuple(meta.items()), warps, stages, split, tma, persistent, staged)
 
     @functools.cached_property
     def kwargs(self) -> dict:
@@ -166,6 +172,7 @@ class Config:
         fields = [f"{k}={v}" for k, v in self.meta]
         fields += [f"warps={self.warps}", f"stages={self.stages}"]
         fields += [f"split={self.split}"] * (self.split > 1) + ["tma"] * self.tma + ["persistent"] * self.persistent
+        fields += ["staged"] * self.staged
         return " ".join(fields)
 
 
@@ -589,6 +596,75 @@ def matmul_candidates(a, b, out) -> list[Config]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Staging: a skinny kernel's [·, r] operand rounded to the streamed dtype by a launch of its own
+#
+# Tensor-core products take both operands in the streamed (16-bit) dtype. Rounded inside a
+# skinny kernel, a float32 operand passes through registers on every step, and Triton's Hopper
+# pipeline keeps a product in flight only while both its operands come from pipelined loads: one
+# made in registers is waited for before the next step (sm_90 TTGIR: wgmma waits with
+# ``pendings = 0`` after each product). Staged ahead, both operands stream from shared memory.
+
+
+@triton.jit
+def _stage_kernel(src_ptr, dst_ptr, R, C, stride_r, stride_c, scale_hi, scale_lo,
+                  PARTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """``dst[0] = src·scale`` rounded to dst's dtype and, with ``PARTS = 2``, ``dst[1]`` its
+    rounding residue rounded (``dst [PARTS, R, C]`` contiguous): the values the skinny kernels
+    would round in registers, bit for bit."""
+    DTYPE: tl.constexpr = dst_ptr.dtype.element_ty
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < R)[:, None] & (cols < C)[None, :]
+    src = tl.load(src_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask)
+    value = src * _scale(scale_hi, scale_lo, src.dtype)
+    high = value.to(DTYPE)
+    dst = dst_ptr + rows[:, None] * C + cols[None, :]
+    tl.store(dst, high, mask=mask)
+    if PARTS == 2:
+        tl.store(dst + R * C, (value - high.to(value.dtype)).to(DTYPE), mask=mask)
+
+
+_STAGE_CONFIG = Config.of(warps=4, stages=1, BLOCK_R=32, BLOCK_C=64)
+
+
+def _staged_strides(src) -> tuple[int, int, int]:
+    """The strides of ``src [R, C]``'s two indices in the buffer :func:`_stage` makes of it (row
+    major: the ranks, src's columns, contiguous, as tensor cores take them; a column-major
+    ``Vt.T`` staged the other way round made some tiles spill on sm_90), and between its parts."""
+    rows, cols = src.shape
+    return cols, 1, rows * cols
+
+
+def _stage(src, dtype: torch.dtype, scale: float, parts: int) -> torch.Tensor:
+    """A new row-major ``[parts, *src.shape]`` buffer of ``dtype`` holding ``src·scale`` rounded
+    and, with ``parts = 2``, its rounding residue rounded."""
+    out = src.new_empty((parts, *src.shape), dtype=dtype)
+    tensors = (src, out)
+    _launch("stage", tensors, lambda c: _stage_plan(*tensors, scale, parts, c), lambda: ("stage",),
+            lambda: [_STAGE_CONFIG], scale=scale)  # fmt: skip
+    return out
+
+
+def _stage_plan(src, out, scale, parts, config: Config):
+    """``plan(src, out)``: ``config``'s staging launch for tensors laid out as these."""
+    rows, cols = src.shape
+    meta = config.kwargs
+    launch = KernelLaunch(_stage_kernel, (_cdiv(rows, meta["BLOCK_R"]), _cdiv(cols, meta["BLOCK_C"])), PARTS=parts,
+                          **meta)  # fmt: skip
+    scalars = (rows, cols, *src.stride(), *_float32_pair(scale))
+
+    def plan(src, out):
+        launch(src, out, *scalars)
+
+    return plan
+
+
+def _stageable(streamed, skinny) -> bool:
+    """Whether the skinny operand may be staged: wider than a 16-bit streamed operand."""
+    return streamed.element_size() == 2 and skinny.element_size() > 2
+
+
+# ----------------------------------------------------------------------------------------------
 # rank_down: out[M, r] = a[M, K]·b[K, r]
 
 
@@ -598,7 +674,8 @@ def _rank_down_kernel(
     M, K, RANK,
     stride_am, stride_ak, stride_bk, stride_br, stride_om, stride_or,
     SPLIT,  # runtime: one compiled kernel serves every split (1 is specialized, with plain stores)
-    RANK_PAD: tl.constexpr, PRECISION: tl.constexpr,
+    stride_bpart,  # STAGED: from b's rounding to its residue
+    RANK_PAD: tl.constexpr, PRECISION: tl.constexpr, STAGED: tl.constexpr,
     TILE: tl.constexpr, STEP: tl.constexpr,
 ):  # fmt: skip
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
@@ -619,10 +696,13 @@ def _rank_down_kernel(
     for k in range(k_start, k_end, STEP):
         in_k = offs_k < k_end - (k - k_start)
         a = tl.load(a_ptrs, mask=in_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=in_k[:, None] & (ranks < RANK)[None, :], other=0.0)
+        b_mask = in_k[:, None] & (ranks < RANK)[None, :]
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
         b_high = b.to(DTYPE)
         acc = _multiply_accumulate(acc, a, b_high, PRECISION)
-        if b.dtype.primitive_bitwidth > a.dtype.primitive_bitwidth:
+        if STAGED:  # b is the rounding of a wider operand; its residue follows (see _stage)
+            acc = _multiply_accumulate(acc, a, tl.load(b_ptrs + stride_bpart, mask=b_mask, other=0.0), PRECISION)
+        elif b.dtype.primitive_bitwidth > a.dtype.primitive_bitwidth:
             # b wider than a (float32 adapters under 16-bit x): its rounding residue too, or an
             # element of z or g that cancels (z = Σ x·Vt near 0) keeps only the residue's error.
             acc = _multiply_accumulate(acc, a, (b - b_high.to(b.dtype)).to(DTYPE), PRECISION)
@@ -671,10 +751,27 @@ def _registers_fit(tile: int, step: int, rank_pad: int, warps: int, size: int, e
     return accumulator + operand <= 48
 
 
+# Passes over at least this many streamed elements take a staged configuration first when untuned.
+_STAGED_FIRST_ELEMENTS = 1 << 24
+
+
 def _skinny_candidates(kernel, extent, length, rank_pad, size, skinny_size, device, aligned=True,
-                       epilogue_operand=False) -> list[Config]:  # fmt: skip
+                       epilogue_operand=False, stageable=False) -> list[Config]:  # fmt: skip
     """Configs of a skinny kernel whose ``[tile, rank_pad]`` accumulator covers ``extent`` in
-    tiles and loops over ``length`` in steps (split across programs where the tiles are few)."""
+    tiles and loops over ``length`` in steps (split across programs where the tiles are few);
+    ``stageable``: each also staged (see :func:`_stage`), staged first on large passes."""
+    configs = _unstaged_skinny_candidates(kernel, extent, length, rank_pad, size, skinny_size, device, aligned,
+                                          epilogue_operand)  # fmt: skip
+    if not stageable:
+        return configs
+    staged = [dataclasses.replace(c, staged=True) for c in configs]
+    # The staging launch costs about what a small pass saves (and host time): untuned, small
+    # passes keep the operand in registers.
+    return staged + configs if extent * length >= _STAGED_FIRST_ELEMENTS else configs + staged
+
+
+def _unstaged_skinny_candidates(kernel, extent, length, rank_pad, size, skinny_size, device, aligned,
+                                epilogue_operand) -> list[Config]:  # fmt: skip
     if _triton_interpreted():
         split = 1 if torch.are_deterministic_algorithms_enabled() else 2  # covers the atomics
         return [Config.of(w, s, split, TILE=t, STEP=k) for t, k, w, s in _INTERPRETER_SKINNY_BLOCKS]
@@ -720,15 +817,17 @@ def _rank_down_plan(a, b, out, config: Config):
     meta = config.kwargs
     launch = KernelLaunch(
         _rank_down_kernel, (_cdiv(rows, meta["TILE"]), config.split), RANK_PAD=_rank_pad(rank),
-        PRECISION=_dot_precision(a.dtype), **meta,
+        PRECISION=_dot_precision(a.dtype), STAGED=config.staged, **meta,
     )  # fmt: skip
-    scalars = (rows, inner, rank, *a.stride(), *b.stride(), *out.stride(), config.split)
+    staged = config.staged
+    *b_strides, part_stride = _staged_strides(b) if staged else (*b.stride(), 0)
+    scalars = (rows, inner, rank, *a.stride(), *b_strides, *out.stride(), config.split, part_stride)
     split = config.split > 1
 
     def plan(a, b, out):
         if split:
             out.zero_()
-        launch(a, b, out, *scalars)
+        launch(a, _stage(b, a.dtype, 1.0, 2) if staged else b, out, *scalars)
 
     return plan
 
@@ -737,8 +836,9 @@ def rank_down_candidates(a, b) -> list[Config]:
     """The configurations :func:`rank_down` chooses among for these operands."""
     rows, inner = a.shape
     return _skinny_candidates(
-        "rank_down", rows, inner, _rank_pad(b.shape[1]), a.element_size(), b.element_size(), a.device, _aligned(a, a.stride())
-    )
+        "rank_down", rows, inner, _rank_pad(b.shape[1]), a.element_size(), b.element_size(), a.device, _aligned(a, a.stride()),
+        stageable=_stageable(a, b),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -752,7 +852,7 @@ def _row_reduction_kernel(
     stride_am, stride_ap, stride_tm, stride_tr, stride_wp, stride_wr, stride_op, stride_or,
     SPLIT,  # runtime: one compiled kernel serves every split (1 is specialized, with plain stores)
     RANK_PAD: tl.constexpr, HAS_S: tl.constexpr, HAS_REDUCTION: tl.constexpr, PRECISION: tl.constexpr,
-    TILE: tl.constexpr, STEP: tl.constexpr,
+    STAGED: tl.constexpr, TILE: tl.constexpr, STEP: tl.constexpr,
 ):  # fmt: skip
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     ACC: tl.constexpr = out_ptr.dtype.element_ty
@@ -776,7 +876,9 @@ def _row_reduction_kernel(
         a_t = tl.load(a_ptr + cols[:, None] * stride_ap + rows[None, :] * stride_am, mask=in_rows[None, :], other=0.0)
         t = tl.load(t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr,
                     mask=in_rows[:, None] & in_rank[None, :], other=0.0)  # fmt: skip
-        acc = _multiply_accumulate(acc, a_t, _scaled_ranks(t, s_ptr, ranks, RANK, scale, False, DTYPE), PRECISION)
+        if not STAGED:  # (staged: t·scale rounded ahead, see _stage)
+            t = _scaled_ranks(t, s_ptr, ranks, RANK, scale, False, DTYPE)
+        acc = _multiply_accumulate(acc, a_t, t, PRECISION)
 
     in_cols = offs_p < P
     if HAS_REDUCTION:
@@ -793,13 +895,14 @@ def _row_reduction_kernel(
         tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
 
 
-def row_reduction(a, t, S, scale, out, w=None, red=None, config: Config | None = None):
+def row_reduction(a, t, S, scale, out, w=None, red=None, config: Config | None = None, stage: bool = False):
     """``out = scale·aᵀ t ⊙ S`` reducing over the M rows; with ``w``, also ``red += scale·Σ_p (aᵀ t)⊙w``.
 
     a ``[M, P]`` (any float dtype), t ``[M, r]`` (rounded to a's dtype after the scale), S ``[r]``
     or ``None``, out ``[P, r]`` and red ``[r]`` (zeroed by the caller) in a's accumulation dtype,
-    w ``[P, r]``; any strides. ``config`` overrides the tuned choice (see
-    :func:`row_reduction_candidates`).
+    w ``[P, r]``; any strides. ``stage``: the launch may round ``t·scale`` into a new ``[M, r]``
+    buffer of a's dtype first (see :func:`_stage`; the caller's memory budget allows it).
+    ``config`` overrides the tuned choice (see :func:`row_reduction_candidates`).
     """
     tensors = (a, t, S, w, out, red)
 
@@ -807,10 +910,11 @@ def row_reduction(a, t, S, scale, out, w=None, red=None, config: Config | None =
         rows, columns = a.shape
         a_strides = a.stride()
         return ("reduction", a.get_device(), a.dtype, _row_bucket(rows), columns, t.shape[1], _aligned(a, a_strides),
-                a_strides[1] == 1, w is None)  # fmt: skip
+                a_strides[1] == 1, w is None, stage)  # fmt: skip
 
-    _launch("reduction", tensors, lambda c: _row_reduction_plan(*tensors, scale, c), tuning_key,
-            lambda: row_reduction_candidates(a, t, w is not None), config, None if red is None else red.zero_, scale)  # fmt: skip
+    _launch("reduction, stage" if stage else "reduction", tensors, lambda c: _row_reduction_plan(*tensors, scale, c),
+            tuning_key, lambda: row_reduction_candidates(a, t, w is not None, stage), config,
+            None if red is None else red.zero_, scale)  # fmt: skip
     return out
 
 
@@ -821,28 +925,35 @@ def _row_reduction_plan(a, t, S, w, out, red, scale, config: Config):
     meta = config.kwargs
     launch = KernelLaunch(
         _row_reduction_kernel, (_cdiv(columns, meta["TILE"]), config.split), RANK_PAD=_rank_pad(rank),
-        HAS_S=S is not None, HAS_REDUCTION=w is not None, PRECISION=_dot_precision(a.dtype), **meta,
+        HAS_S=S is not None, HAS_REDUCTION=w is not None, PRECISION=_dot_precision(a.dtype), STAGED=config.staged,
+        **meta,
     )  # fmt: skip
-    scalars = (rows, columns, rank, *_float32_pair(scale), *a.stride(), *t.stride(),
+    staged = config.staged
+    t_strides = _staged_strides(t)[:2] if staged else t.stride()
+    scalars = (rows, columns, rank, *_float32_pair(scale), *a.stride(), *t_strides,
                *(w.stride() if w is not None else (0, 0)), *out.stride(), config.split)  # fmt: skip
     split = config.split > 1
 
     def plan(a, t, S, w, out, red):
         if split:
             out.zero_()
-        launch(a, t, S, w, out, red, *scalars)
+        launch(a, _stage(t, a.dtype, scale, 1) if staged else t, S, w, out, red, *scalars)
 
     return plan
 
 
-def row_reduction_candidates(a, t, reduction: bool = False) -> list[Config]:
+def row_reduction_candidates(a, t, reduction: bool = False, stage: bool = False) -> list[Config]:
     """The configurations :func:`row_reduction` chooses among for these operands (``reduction``:
-    with ``w`` and ``red``)."""
+    with ``w`` and ``red``; ``stage``: staged ones may be among them)."""
     rows, columns = a.shape
     return _skinny_candidates(
         "row_reduction", columns, rows, _rank_pad(t.shape[1]), a.element_size(), t.element_size(), a.device,
-        _aligned(a, a.stride()), reduction,
+        _aligned(a, a.stride()), reduction, stageable=stage and _stageable(a, t),
     )  # fmt: skip
+
+
+# Every kernel of the module (offline compilation captures their launches).
+KERNELS = (_extended_matmul_kernel, _extended_matmul_tma_kernel, _stage_kernel, _rank_down_kernel, _row_reduction_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -883,7 +994,9 @@ def _backward(dy, x, z, weight, U, S, Vt, scale, needs):
         if rows == 0:
             dU_acc.zero_()
         else:
-            row_reduction(dy, z, S, scale, dU_acc, w=U if need_dS else None, red=dS_acc)
+            # z may be staged (M·r of dy's dtype beside z); g, which comes next, may not: z, g and
+            # a staged g would exceed the step's budget of 4·M·r elements of x's dtype.
+            row_reduction(dy, z, S, scale, dU_acc, w=U if need_dS else None, red=dS_acc, stage=True)
         dU = dU_acc.to(U.dtype) if need_dU else None
         dS = dS_acc.to(S.dtype) if need_dS else None
     if need_dx or need_dVt:
