@@ -624,9 +624,6 @@ def _stage_kernel(src_ptr, dst_ptr, R, C, stride_r, stride_c, scale_hi, scale_lo
         tl.store(dst + R * C, (value - high.to(value.dtype)).to(DTYPE), mask=mask)
 
 
-_STAGE_CONFIG = Config.of(warps=4, stages=1, BLOCK_R=32, BLOCK_C=64)
-
-
 def _staged_strides(src) -> tuple[int, int, int]:
     """The strides of ``src [R, C]``'s two indices in the buffer :func:`_stage` makes of it (row
     major: the ranks, src's columns, contiguous, as tensor cores take them; a column-major
@@ -635,28 +632,22 @@ def _staged_strides(src) -> tuple[int, int, int]:
     return cols, 1, rows * cols
 
 
-def _stage(src, dtype: torch.dtype, scale: float, parts: int) -> torch.Tensor:
-    """A new row-major ``[parts, *src.shape]`` buffer of ``dtype`` holding ``src·scale`` rounded
-    and, with ``parts = 2``, its rounding residue rounded."""
-    out = src.new_empty((parts, *src.shape), dtype=dtype)
-    tensors = (src, out)
-    _launch("stage", tensors, lambda c: _stage_plan(*tensors, scale, parts, c), lambda: ("stage",),
-            lambda: [_STAGE_CONFIG], scale=scale)  # fmt: skip
-    return out
-
-
-def _stage_plan(src, out, scale, parts, config: Config):
-    """``plan(src, out)``: ``config``'s staging launch for tensors laid out as these."""
+def _stage(src, dtype: torch.dtype, scale: float, parts: int):
+    """``stage(src)`` for tensors laid out as ``src``: a new row-major ``[parts, *src.shape]``
+    buffer of ``dtype`` holding ``src·scale`` rounded and, with ``parts = 2``, its rounding
+    residue rounded. Made once by the plan of the skinny launch it feeds, which fixed the layout."""
     rows, cols = src.shape
-    meta = config.kwargs
-    launch = KernelLaunch(_stage_kernel, (_cdiv(rows, meta["BLOCK_R"]), _cdiv(cols, meta["BLOCK_C"])), PARTS=parts,
-                          **meta)  # fmt: skip
+    block_rows, block_cols = 32, 64
+    launch = KernelLaunch(_stage_kernel, (_cdiv(rows, block_rows), _cdiv(cols, block_cols)), PARTS=parts,
+                          BLOCK_R=block_rows, BLOCK_C=block_cols, num_warps=4, num_stages=1)  # fmt: skip
     scalars = (rows, cols, *src.stride(), *_float32_pair(scale))
 
-    def plan(src, out):
+    def stage(src):
+        out = src.new_empty((parts, rows, cols), dtype=dtype)
         launch(src, out, *scalars)
+        return out
 
-    return plan
+    return stage
 
 
 def _stageable(streamed, skinny) -> bool:
@@ -819,15 +810,15 @@ def _rank_down_plan(a, b, out, config: Config):
         _rank_down_kernel, (_cdiv(rows, meta["TILE"]), config.split), RANK_PAD=_rank_pad(rank),
         PRECISION=_dot_precision(a.dtype), STAGED=config.staged, **meta,
     )  # fmt: skip
-    staged = config.staged
-    *b_strides, part_stride = _staged_strides(b) if staged else (*b.stride(), 0)
+    stage = _stage(b, a.dtype, 1.0, 2) if config.staged else None
+    *b_strides, part_stride = _staged_strides(b) if stage else (*b.stride(), 0)
     scalars = (rows, inner, rank, *a.stride(), *b_strides, *out.stride(), config.split, part_stride)
     split = config.split > 1
 
     def plan(a, b, out):
         if split:
             out.zero_()
-        launch(a, _stage(b, a.dtype, 1.0, 2) if staged else b, out, *scalars)
+        launch(a, stage(b) if stage else b, out, *scalars)
 
     return plan
 
@@ -928,8 +919,8 @@ def _row_reduction_plan(a, t, S, w, out, red, scale, config: Config):
         HAS_S=S is not None, HAS_REDUCTION=w is not None, PRECISION=_dot_precision(a.dtype), STAGED=config.staged,
         **meta,
     )  # fmt: skip
-    staged = config.staged
-    t_strides = _staged_strides(t)[:2] if staged else t.stride()
+    stage = _stage(t, a.dtype, scale, 1) if config.staged else None
+    t_strides = _staged_strides(t)[:2] if stage else t.stride()
     scalars = (rows, columns, rank, *_float32_pair(scale), *a.stride(), *t_strides,
                *(w.stride() if w is not None else (0, 0)), *out.stride(), config.split)  # fmt: skip
     split = config.split > 1
@@ -937,7 +928,7 @@ def _row_reduction_plan(a, t, S, w, out, red, scale, config: Config):
     def plan(a, t, S, w, out, red):
         if split:
             out.zero_()
-        launch(a, _stage(t, a.dtype, scale, 1) if staged else t, S, w, out, red, *scalars)
+        launch(a, stage(t) if stage else t, S, w, out, red, *scalars)
 
     return plan
 
