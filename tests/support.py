@@ -54,6 +54,19 @@ def assert_close(actual, expected, tol: float, what: str = ""):
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
+def assert_faithfully_rounded(actual, exact, magnitude, what: str = ""):
+    """Each element of the 16-bit ``actual``, a sum rounded to its dtype, within one unit in the
+    last place of the ``exact`` sum plus ``eps²·magnitude`` (``magnitude``: the sum of the terms'
+    absolute values): what a sum whose wider operand entered as a rounding plus its rounded
+    residue leaves, float32 accumulation included. Without the residue the error is about
+    ``eps·magnitude/√terms``, which elements whose sums cancel show. NaN or Inf anywhere fails."""
+    eps = torch.finfo(actual.dtype).eps
+    actual, exact, magnitude = (t.detach().to(torch.float64).cpu() for t in (actual, exact, magnitude))
+    assert actual.shape == exact.shape, f"shape {tuple(actual.shape)} != {tuple(exact.shape)}"
+    excess = ((actual - exact).abs() - eps * exact.abs() - eps**2 * magnitude).nan_to_num(nan=float("inf"))
+    assert excess.max() <= 0, f"{what}: {(excess > 0).sum()} elements beyond the bound, worst by {excess.max():.3e}"
+
+
 def as_float64(*tensors):
     return [None if t is None else t.detach().to(torch.float64).requires_grad_(t.requires_grad) for t in tensors]
 

@@ -35,17 +35,18 @@ class Product:
 
 def step_products(x, weight, U, S, Vt, dy, scale, *, rank_zero=False) -> list[Product]:
     """The launches of one step on these inputs (2-D x ``[M, in]``, dy ``[M, out]``), in the
-    order the step runs them; the inputs z and g of later launches are produced by earlier ones.
+    order the step runs them; the inputs z and g of later launches are produced by earlier ones,
+    the rank tails' ``U ⊙ S`` and ``Vtᵀ ⊙ S`` here, once (a small launch each, not timed).
     ``rank_zero``: y and dx without the rank tail (the bare GEMMs of the extended kernel)."""
     rows, in_features = x.shape
     out_features, rank = U.shape
     acc = accumulation_dtype(x.dtype)
-    z = torch.empty(rows, rank, dtype=acc, device=x.device)
-    g = torch.empty_like(z)
+    z, g = kernels._rank_buffer(x, rows, rank), kernels._rank_buffer(dy, rows, rank)
     y, dx = torch.empty_like(dy), torch.empty_like(x)
     dU, dS, dVt = (torch.empty(t.shape, dtype=acc, device=x.device) for t in (U, S, Vt))
+    up, down = kernels.scaled_columns(U, S, x.dtype).T, kernels.scaled_columns(Vt.T, S, x.dtype).T
     tail = slice(0, 0) if rank_zero else slice(None)
-    z_tail, g_tail = z[:, tail], g[:, tail]
+    z_tail, g_tail, up_tail, down_tail = z[:, tail], g[:, tail], up[tail], down[tail]
     size, adapter = x.element_size(), U.element_size()
 
     def scaled(t):
@@ -68,28 +69,28 @@ def step_products(x, weight, U, S, Vt, dy, scale, *, rank_zero=False) -> list[Pr
 
     def reduction(c):
         dS.zero_()  # row_reduction adds into it
-        return kernels.row_reduction(dy, z, S, scale, dU, U, dS, c, stage=True)
+        return kernels.row_reduction(dy, z, S, dU, U, dS, c)
 
     gemm_flops = 2 * rows * in_features * out_features
     tail_flops = 0 if rank_zero else 2 * rows * rank * max(in_features, out_features)
     return [
-        Product("z", lambda c=None: kernels.rank_down(x, Vt.T, z, c), kernels.rank_down_candidates(x, Vt.T), (z,),
-                lambda: (x.to(acc) @ Vt.to(acc).T,), rows * in_features * size + rank * in_features * adapter,
-                2 * rows * in_features * rank),
-        Product("y", lambda c=None: kernels.extended_matmul(x, weight.T, z_tail, U.T[tail], S[tail], scale, None, y, c),
-                kernels.matmul_candidates(x, weight.T, y), (y,), lambda: (y_reference(),),
+        Product("z", lambda c=None: kernels.rank_down(x, Vt.T, z, scale, c), kernels.rank_down_candidates(x, Vt.T), (z,),
+                lambda: (scale * (x.to(acc) @ Vt.to(acc).T),),
+                rows * in_features * size + rank * in_features * adapter, 2 * rows * in_features * rank),
+        Product("y", lambda c=None: kernels.extended_matmul(x, weight.T, z_tail, up_tail, None, y, c),
+                kernels.matmul_candidates(x, weight.T, z_tail, up_tail, None, y), (y,), lambda: (y_reference(),),
                 (rows * (in_features + out_features) + in_features * out_features) * size, gemm_flops + tail_flops),
-        Product("dU+dS", reduction, kernels.row_reduction_candidates(dy, z, reduction=True, stage=True), (dU, dS), dU_reference,
-                rows * out_features * size + rows * rank * 4, 2 * rows * out_features * rank),
-        Product("g", lambda c=None: kernels.rank_down(dy, U, g, c), kernels.rank_down_candidates(dy, U), (g,),
-                lambda: (dy.to(acc) @ U.to(acc),), rows * out_features * size + rank * out_features * adapter,
-                2 * rows * out_features * rank),
-        Product("dx", lambda c=None: kernels.extended_matmul(dy, weight, g_tail, Vt[tail], S[tail], scale, None, dx, c),
-                kernels.matmul_candidates(dy, weight, dx), (dx,), lambda: (dx_reference(),),
+        Product("dU+dS", reduction, kernels.row_reduction_candidates(dy, z, reduction=True), (dU, dS), dU_reference,
+                rows * (out_features + rank) * size, 2 * rows * out_features * rank),
+        Product("g", lambda c=None: kernels.rank_down(dy, U, g, scale, c), kernels.rank_down_candidates(dy, U), (g,),
+                lambda: (scale * (dy.to(acc) @ U.to(acc)),),
+                rows * out_features * size + rank * out_features * adapter, 2 * rows * out_features * rank),
+        Product("dx", lambda c=None: kernels.extended_matmul(dy, weight, g_tail, down_tail, None, dx, c),
+                kernels.matmul_candidates(dy, weight, g_tail, down_tail, None, dx), (dx,), lambda: (dx_reference(),),
                 (rows * (in_features + out_features) + in_features * out_features) * size, gemm_flops + tail_flops),
-        Product("dVt", lambda c=None: kernels.row_reduction(x, g, S, scale, dVt.T, config=c),
+        Product("dVt", lambda c=None: kernels.row_reduction(x, g, S, dVt.T, config=c),
                 kernels.row_reduction_candidates(x, g), (dVt,), lambda: (dVt_reference(),),
-                rows * in_features * size + rows * rank * 4, 2 * rows * in_features * rank),
+                rows * (in_features + rank) * size, 2 * rows * in_features * rank),
     ]  # fmt: skip
 
 

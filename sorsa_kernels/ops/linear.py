@@ -35,7 +35,8 @@ def linear_forward(
 @linear_forward.register_fake
 def _linear_forward_fake(x, weight, U, S, Vt, bias, scale, backend):
     rows = x.shape[0]
-    return x.new_empty((rows, U.shape[0])), x.new_empty((rows, U.shape[1]), dtype=accumulation_dtype(x.dtype))
+    saved = implementation("sorsa_linear", backend).saved_dtype(x.dtype)
+    return x.new_empty((rows, U.shape[0])), x.new_empty((rows, U.shape[1]), dtype=saved)
 
 
 @torch.library.custom_op("sorsa_kernels::linear_backward", mutates_args=())
@@ -86,8 +87,8 @@ def _backward(dy, x, z, weight, U, S, Vt, scale, needs, backend):
 
 
 class SORSALinearFunction(torch.autograd.Function):
-    """Autograd for ``sorsa_linear``: saves only x and the ``[M, r]`` intermediate ``x Vtᵀ``
-    (the other saved tensors are the parameters themselves)."""
+    """Autograd for ``sorsa_linear``: saves only x and the backend's ``[M, r]`` intermediate
+    (a form of ``x Vtᵀ``; the other saved tensors are the parameters themselves)."""
 
     @staticmethod
     def forward(ctx, x, weight, U, S, Vt, bias, scale, backend):
@@ -175,7 +176,8 @@ def sorsa_linear(
         ``[..., out]`` in x's dtype. Products accumulate in float32. Under autocast, x and weight
         are cast to the autocast dtype first, as ``F.linear`` would; the adapters keep theirs.
         Gradients flow to x, U, S and Vt, and to weight and bias only when they require grad;
-        the backward saves only x and the ``[M, r]`` product ``x Vtᵀ``.
+        the backward saves only x and the ``[M, r]`` product ``x Vtᵀ`` (the Triton backend keeps
+        it scaled and in x's dtype: with bfloat16 x, 2·M·r bytes).
 
     Raises:
         TypeError / ValueError naming the argument for wrong types, dtypes, shapes, devices or a

@@ -1,12 +1,16 @@
 """Pure-PyTorch fused adapter linear: the torch backend and the test oracle.
 
-Backend interface of ``sorsa_linear`` (every backend module implements these two functions):
+Backend interface of ``sorsa_linear`` (every backend module implements these three functions):
 
 ``forward(x, weight, U, S, Vt, bias, scale) -> (y, z)``
     x ``[M, in]`` (2-D, any strides), weight ``[out, in]`` or ``None`` (no frozen base),
     U ``[out, r]``, S ``[r]`` or ``None``, Vt ``[r, in]``, bias ``[out]`` or ``None``.
     Returns ``y = x weightᵀ + scale·((x Vtᵀ) ⊙ S) Uᵀ + bias`` ``[M, out]`` in x's dtype and the
-    saved intermediate ``z = x Vtᵀ`` ``[M, r]`` in :func:`accumulation_dtype` of x.
+    intermediate saved for the backward, ``z`` ``[M, r]``: the backend's own form of ``x Vtᵀ``,
+    which only its own backward reads (here ``x Vtᵀ`` itself).
+
+``saved_dtype(dtype) -> dtype``
+    The dtype of that ``z`` for x of ``dtype`` (here :func:`accumulation_dtype`).
 
 ``backward(dy, x, z, weight, U, S, Vt, scale, needs) -> (dx, dU, dS, dVt)``
     ``needs`` is four booleans saying which of the gradients to compute; the others are
@@ -28,6 +32,10 @@ import torch.nn.functional as F
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 inputs, float32 for every narrower float."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def saved_dtype(dtype: torch.dtype) -> torch.dtype:
+    return accumulation_dtype(dtype)
 
 
 def _scaled(z: torch.Tensor, S: torch.Tensor | None, scale: float) -> torch.Tensor:

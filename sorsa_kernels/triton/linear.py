@@ -3,43 +3,46 @@
 Implements the backend interface documented in :mod:`sorsa_kernels.reference.linear` with three
 generic kernels, each launched through one function of this module:
 
-* :func:`extended_matmul` ``c = a·b + ((t ⊙ S·scale) → a's dtype)·tb + bias``: one GEMM whose K
-  loop also runs over the rank-r tail, so the adapter's up-projection costs r more K steps of the
-  frozen product and ``c`` is written once. Two kernels: for 16-bit operands whose rows are
-  16-byte aligned (every LLM shape) tiles arrive by TMA, optionally from a persistent grid of
-  one program per SM walking L2-grouped tiles; any other operand
-  (float32, float64, odd strides, few rows) takes the pointer kernel.
-* :func:`rank_down` ``out = a·b`` for a skinny ``b [K, r]``: a memory-bound pass over ``a``
-  (``b`` wider than ``a`` enters as two roundings, high part and residue, so z and g keep float32
-  accuracy even where their sums cancel).
-* :func:`row_reduction` ``out = aᵀ·(t·scale) ⊙ S`` reducing over the M rows, optionally also
+* :func:`extended_matmul` ``c = a·b + t·tb + bias``: one GEMM whose K loop also runs over the
+  rank-r tail, so the adapter's up-projection costs r more K steps of the frozen product and
+  ``c`` is written once. Two kernels: for 16-bit operands whose rows are 16-byte aligned (every
+  LLM shape) tiles arrive by TMA, the tail's too, optionally from a persistent grid of one
+  program per SM walking L2-grouped tiles; any other operand (float32, float64, odd strides,
+  few rows) takes the pointer kernel.
+* :func:`rank_down` ``out = scale·a·b`` for a skinny ``b [K, r]``: a memory-bound pass over ``a``
+  (``b`` wider than ``a`` enters as two roundings, high part and residue, so that an element of
+  z or g whose sum cancels keeps its accuracy up to the final rounding).
+* :func:`row_reduction` ``out = aᵀ·t ⊙ S`` reducing over the M rows, optionally also
   ``Σ_p out_raw ⊙ w`` into an ``[r]`` vector (how dS is obtained, see below).
 
-The six products of one training step::
+The six products of one training step, with ``z`` and ``g`` kept scaled and rounded to x's dtype
+(every use of them rounds them so for the tensor cores; for 16-bit x that halves their memory)
+and ``S`` folded into a rounded copy of the other operand (:func:`scaled_columns`), so that every
+tensor-core operand streams from memory as it is::
 
-    forward   z  = x Vtᵀ                          rank_down(x, Vtᵀ)
-              y  = x Wᵀ + (z ⊙ S·scale) Uᵀ + bias  extended_matmul(x, Wᵀ, z, Uᵀ)
-    backward  dU = scale·dyᵀ (z ⊙ S), and dS       row_reduction(dy, z, w=U)
-              g  = dy U                           rank_down(dy, U)
-              dx = dy W + (g ⊙ S·scale) Vt         extended_matmul(dy, W, g, Vt)
-              dVt = (xᵀ (g ⊙ S·scale))ᵀ            row_reduction(x, g), written transposed
+    forward   z  = scale·x Vtᵀ                     rank_down(x, Vtᵀ, scale)
+              y  = x Wᵀ + z (U ⊙ S)ᵀ + bias        extended_matmul(x, Wᵀ, z, (U ⊙ S)ᵀ)
+    backward  dU = (dyᵀ z) ⊙ S, and dS            row_reduction(dy, z, S, w=U)
+              g  = scale·dy U                      rank_down(dy, U, scale)
+              dx = dy W + g (Vtᵀ ⊙ S)ᵀ             extended_matmul(dy, W, g, (Vtᵀ ⊙ S)ᵀ)
+              dVt = (xᵀ g ⊙ S)ᵀ                    row_reduction(x, g, S), written transposed
 
-``dS = scale·Σ_m z ⊙ g`` needs both the M×r products; it comes out of dU's pass instead, as
-``dS_j = Σ_o U_oj · (scale·dyᵀ z)_oj``, so that ``rank_down`` stays a plain product that may split
-its K loop across programs.
+``dS = scale·Σ_m (x Vtᵀ) ⊙ (dy U)`` needs both the M×r products; it comes out of dU's pass
+instead, as ``dS_j = Σ_o U_oj · (dyᵀ z)_oj``, so that ``rank_down`` stays a plain product that
+may split its K loop across programs.
 
 The skinny passes are memory-bound: their cost is reading ``a`` once, plus the ``[·, r]`` operand
 that every program reads again from L2 (``2r/BLOCK`` times the bytes of ``a`` for a float32 operand
 under 16-bit ``a``). Wide tiles (256 rows) keep that re-read small; a reduction that then has too
-few tiles to fill the GPU is split across programs (float atomics into a zeroed output). A float32
-operand under 16-bit ``a`` is rounded in registers, or, in ``staged`` configurations, by a launch
-of its own ahead of the pass (see :func:`_stage`), which lets every product stay in flight while
-the next tiles load; the tuner chooses per shape.
+few tiles to fill the GPU is split across programs (float atomics into a zeroed float32 buffer).
+rank_down's float32 ``b`` under 16-bit ``a`` is rounded in registers, or, in ``staged``
+configurations, by a launch of its own ahead of the pass (see :func:`_round_kernel`); the tuner
+chooses per shape.
 
 Precision: products accumulate in float32 (float64 for float64 inputs). 16-bit inputs meet the
 adapter operands rounded to their dtype on tensor cores (in ``rank_down`` plus the rounding
 residue, see above); float32 inputs use full-precision dots unless
-``torch.backends.cuda.matmul.allow_tf32`` is set. ``z`` and ``g`` stay in the accumulation dtype.
+``torch.backends.cuda.matmul.allow_tf32`` is set.
 
 Launch configurations: each launch function keys its shape (rows bucketed) and, on the first
 launch of a key, times the candidate configurations once on the real outputs
@@ -97,17 +100,6 @@ def _scale(scale_hi, scale_lo, dtype: tl.constexpr):
 
 
 @triton.jit
-def _scaled_ranks(tile, s_ptr, ranks, rank, scale, HAS_S: tl.constexpr, DTYPE: tl.constexpr):
-    """``tile ⊙ S[ranks]·scale`` (columns are ranks) in the tile's precision, then cast to DTYPE."""
-    if HAS_S:
-        s = tl.load(s_ptr + ranks, mask=ranks < rank, other=0.0).to(tile.dtype)
-        tile = tile * (s * scale)[None, :]
-    else:
-        tile = tile * scale
-    return tile.to(DTYPE)
-
-
-@triton.jit
 def _grouped_tile(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
     """Tile index -> (row tile, column tile) in groups of GROUP_M row tiles that sweep the column
     tiles together, so each column tile of b is read from DRAM about once per group."""
@@ -118,25 +110,21 @@ def _grouped_tile(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _rank_tail(acc, t_ptr, tb_ptr, s_ptr, rows, cols, RANK, scale,
-               stride_tm, stride_tr, stride_tbr, stride_tbn,
-               HAS_S: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr, TAIL_K: tl.constexpr,
-               TAIL_STAGES: tl.constexpr):  # fmt: skip
-    """``acc + ((t[rows] ⊙ S·scale) → DTYPE) · (tb[:, cols] → DTYPE)``: the rank-r end of the K loop
-    (rows and cols already wrapped into range) in steps of TAIL_K ranks, pipelined TAIL_STAGES deep."""
+def _rank_tail(acc, t_ptr, tb_ptr, rows, cols, RANK, stride_tm, stride_tr, stride_tbr, stride_tbn,
+               DTYPE: tl.constexpr, PRECISION: tl.constexpr, TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr):  # fmt: skip
+    """``acc + (t[rows] → DTYPE) · (tb[:, cols] → DTYPE)``: the rank-r end of the K loop (rows
+    and cols already wrapped into range) in steps of TAIL_K ranks, pipelined TAIL_STAGES deep."""
     ranks = tl.arange(0, TAIL_K)
     t_ptrs = t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr
     tb_ptrs = tb_ptr + ranks[:, None] * stride_tbr + cols[None, :] * stride_tbn
     for r0 in tl.range(0, RANK, TAIL_K, num_stages=TAIL_STAGES):
         in_rank = ranks < RANK - r0
-        t = tl.load(t_ptrs, mask=in_rank[None, :], other=0.0)
-        t = _scaled_ranks(t, s_ptr, r0 + ranks, RANK, scale, HAS_S, DTYPE)
+        t = tl.load(t_ptrs, mask=in_rank[None, :], other=0.0).to(DTYPE)
         tb = tl.load(tb_ptrs, mask=in_rank[:, None], other=0.0).to(DTYPE)
         acc = _multiply_accumulate(acc, t, tb, PRECISION)
         t_ptrs += TAIL_K * stride_tr
         tb_ptrs += TAIL_K * stride_tbr
     return acc
-
 
 # ----------------------------------------------------------------------------------------------
 # Launch configurations and their choice
@@ -234,10 +222,14 @@ def _launch(tag: str, tensors: tuple, build, tuning_key, candidates, config=None
         chosen, final = _choose(tuning_key(), candidates, lambda c: functools.partial(build(c), *tensors), reset)
         plan = build(chosen)
         if final:
-            if len(_plans) >= _PLANS_KEPT:
-                del _plans[next(iter(_plans))]
-            _plans[key] = plan
+            _remember(key, plan)
     plan(*tensors)
+
+
+def _remember(key: tuple, plan) -> None:
+    if len(_plans) >= _PLANS_KEPT:
+        del _plans[next(iter(_plans))]
+    _plans[key] = plan
 
 
 def _mode(dtype: torch.dtype) -> tuple:
@@ -304,17 +296,17 @@ def _split_choices(tiles: int, steps: int, device) -> list[int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# extended_matmul: c = a·b + (t ⊙ S·scale)·tb + bias
+# extended_matmul: c = a·b + t·tb + bias
 
 
 @triton.jit
 def _extended_matmul_kernel(
-    a_ptr, b_ptr, t_ptr, tb_ptr, s_ptr, bias_ptr, c_ptr,
-    M, N, K, RANK, scale_hi, scale_lo,
+    a_ptr, b_ptr, t_ptr, tb_ptr, bias_ptr, c_ptr,
+    M, N, K, RANK,
     stride_am, stride_ak, stride_bk, stride_bn,
     stride_tm, stride_tr, stride_tbr, stride_tbn,
     stride_cm, stride_cn,
-    HAS_BASE: tl.constexpr, HAS_S: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, EVEN_K: tl.constexpr, TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -344,9 +336,8 @@ def _extended_matmul_kernel(
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
 
-    scale = _scale(scale_hi, scale_lo, ACC)
-    acc = _rank_tail(acc, t_ptr, tb_ptr, s_ptr, rows, cols, RANK, scale,
-                     stride_tm, stride_tr, stride_tbr, stride_tbn, HAS_S, DTYPE, PRECISION, TAIL_K, TAIL_STAGES)  # fmt: skip
+    acc = _rank_tail(acc, t_ptr, tb_ptr, rows, cols, RANK, stride_tm, stride_tr, stride_tbr, stride_tbn,
+                     DTYPE, PRECISION, TAIL_K, TAIL_STAGES)  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(ACC)[None, :]
     c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
@@ -355,36 +346,32 @@ def _extended_matmul_kernel(
 
 @triton.jit
 def _extended_matmul_tma_kernel(
-    a_desc, b_desc, c, t_ptr, tb_ptr, s_ptr, bias_ptr,
-    M, N, K, RANK, scale_hi, scale_lo, PROGRAMS, stride_cm,
-    stride_tm, stride_tr, stride_tbr, stride_tbn,
-    HAS_S: tl.constexpr, HAS_BIAS: tl.constexpr, B_ROWS_N: tl.constexpr,
+    a_desc, b_desc, t_desc, tb_desc, c, bias_ptr,
+    M, N, K, RANK, PROGRAMS, stride_cm,
+    HAS_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, B_ROWS_N: tl.constexpr,
     TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TMA_STORE: tl.constexpr, SUBTILE: tl.constexpr,
 ):  # fmt: skip
-    """Tiles of a ``[M, K]`` and b (``[N, K]`` when B_ROWS_N, else ``[K, N]``) by TMA (reads out of
-    range are zeros); c a descriptor (TMA_STORE: clipped stores, SUBTILE: in two halves, half
-    the shared memory) or a pointer (row stride stride_cm). PROGRAMS programs walk the tiles:
-    one each when PROGRAMS covers them, else a persistent grid."""
+    """Tiles of a ``[M, K]``, b (``[N, K]`` when B_ROWS_N, else ``[K, N]``), t ``[M, r]`` and
+    tb ``[N, r]`` by TMA (reads out of range are zeros); c a descriptor (TMA_STORE: clipped
+    stores, SUBTILE: in two halves, half the shared memory) or a pointer (row stride stride_cm).
+    PROGRAMS programs walk the tiles: one each when PROGRAMS covers them, else a persistent grid."""
     DTYPE: tl.constexpr = a_desc.dtype
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
-    scale = _scale(scale_hi, scale_lo, tl.float32)
     for tile in range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS):
         pid_m, pid_n = _grouped_tile(tile, tiles_m, tiles_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
-        rows = (offs_m % M).to(tl.int64)
-        cols = (offs_n % N).to(tl.int64)
-        # The rank tail (a few K steps whose float32 operands are rounded in registers, so they
-        # load by pointer) starts the accumulator; the main loop then runs on TMA tiles alone.
+        # The rank tail, a few K steps, starts the accumulator; the main loop ends in the epilogue.
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = _rank_tail(acc, t_ptr, tb_ptr, s_ptr, rows, cols, RANK, scale,
-                         stride_tm, stride_tr, stride_tbr, stride_tbn, HAS_S, DTYPE, "ieee", TAIL_K, TAIL_STAGES)  # fmt: skip
+        if HAS_TAIL:
+            for r0 in tl.range(0, RANK, TAIL_K, num_stages=TAIL_STAGES):
+                acc = tl.dot(t_desc.load([off_m, r0]), tb_desc.load([off_n, r0]).T, acc)
         for k in range(k_steps):
             a = a_desc.load([off_m, k * BLOCK_K])
             if B_ROWS_N:
@@ -393,7 +380,7 @@ def _extended_matmul_tma_kernel(
                 b = b_desc.load([k * BLOCK_K, off_n])
             acc = tl.dot(a, b, acc)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + (offs_n % N)).to(tl.float32)[None, :]
         if TMA_STORE:
             if SUBTILE:
                 halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
@@ -415,7 +402,7 @@ _POINTER_BLOCKS = {
     "many rows, float32": [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4)],
     "many rows, float32, unaligned": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)],
     # Decode and other few-row shapes: the product is a read of b, spread over many column tiles.
-    "few rows": [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4), (64, 64, 128, 4, 3)],
+    "few rows": [(16, 64, 128, 4, 4), (16, 128, 64, 4, 3), (32, 64, 128, 4, 4), (64, 64, 128, 4, 3)],
     "few rows, unaligned": [(16, 64, 128, 4, 4), (16, 128, 64, 4, 3), (32, 64, 64, 4, 3)],
     "few rows, float32": [(16, 64, 32, 4, 3), (16, 128, 32, 4, 3), (16, 32, 64, 4, 3)],
     "float64": [(32, 32, 8, 4, 1), (16, 32, 8, 4, 1)],
@@ -488,12 +475,15 @@ def _tma_ready(tensor: torch.Tensor, strides: tuple[int, int]) -> bool:
     return strides[1] == 1 and strides[0] % 8 == 0 and tensor.data_ptr() % 16 == 0
 
 
-def _tma_layout(a, a_strides, b, b_strides, out, out_strides):
+def _tma_layout(a, a_strides, b, b_strides, t, tb, out, out_strides):
     """``"[K, N]"`` or ``"[N, K]"``, how b suits the TMA kernel (stored as is, or transposed), or
-    ``None`` when a, b or out do not suit it (then the pointer kernel runs)."""
+    ``None`` when a, b, the tail or out do not suit it (then the pointer kernel runs). The tail
+    suits it in a's dtype, t ``[M, r]`` as is and tb ``[r, N]`` stored as ``[N, r]``."""
     if not HAS_TMA or b is None or out.shape[0] <= 64 or a.element_size() != 2 or b.dtype != a.dtype:
         return None
     if not (_tma_ready(a, a_strides) and _tma_ready(out, out_strides)):
+        return None
+    if t.shape[1] and not (t.dtype == tb.dtype == a.dtype and _tma_ready(t, t.stride()) and _tma_ready(tb, tb.stride()[::-1])):
         return None
     if _tma_ready(b, b_strides):
         return "[K, N]"
@@ -503,62 +493,64 @@ def _tma_layout(a, a_strides, b, b_strides, out, out_strides):
 
 
 def _tail_width(rank: int, block_k: int, size: int) -> int:
-    """Rank columns per tail step of the pointer kernel: the tail's float32 tiles then take about
-    as much shared memory per step as the main loop's tiles of 16-bit operands."""
+    """Rank columns per tail step of the pointer kernel: a main-loop step's under operands of
+    ``size`` bytes of 4 and more, half of it under 16-bit ones (a whole one spills on sm_90 at
+    BLOCK_K = 128)."""
     return min(_rank_pad(rank), block_k if size >= 4 else max(16, block_k // 2))
 
 
-def extended_matmul(a, b, t, tb, S, scale, bias, out, config: Config | None = None):
-    """``out = a·b + ((t ⊙ S·scale) in a's dtype)·tb + bias`` in one GEMM over K = a's columns + r.
+def extended_matmul(a, b, t, tb, bias, out, config: Config | None = None):
+    """``out = a·b + t·tb + bias`` in one GEMM over K = a's columns + r.
 
-    a ``[M, K]``, b ``[K, N]`` or ``None`` (the tail alone), t ``[M, r]`` in the accumulation
-    dtype, tb ``[r, N]`` in any float dtype, S ``[r]`` or ``None``, bias ``[N]`` or ``None``, out
-    ``[M, N]`` in a's dtype; any strides (pass transposed views to multiply by a transpose).
-    ``config`` overrides the tuned choice (for benchmarks; see :func:`matmul_candidates`).
+    a ``[M, K]``, b ``[K, N]`` or ``None`` (the tail alone), t ``[M, r]`` and tb ``[r, N]`` in
+    any float dtype (rounded to a's on the way in: the TMA kernel takes them already in a's dtype,
+    t with 16-byte aligned rows and tb stored as ``[N, r]``, see :func:`scaled_columns`), bias
+    ``[N]`` or ``None``, out ``[M, N]`` in a's dtype; any strides (pass transposed views to
+    multiply by a transpose). ``config`` overrides the tuned choice (for benchmarks; see
+    :func:`matmul_candidates`).
     """
-    tensors = (a, b, t, tb, S, bias, out)
-    _launch("matmul", tensors, lambda c: _extended_matmul_plan(*tensors, scale, c), lambda: _matmul_key(a, b, t, out),
-            lambda: matmul_candidates(a, b, out), config, scale=scale)  # fmt: skip
+    tensors = (a, b, t, tb, bias, out)
+    _launch("matmul", tensors, lambda c: _extended_matmul_plan(*tensors, c), lambda: _matmul_key(*tensors),
+            lambda: matmul_candidates(*tensors), config)  # fmt: skip
     return out
 
 
-def _operand_class(a, b, out) -> tuple[str | None, bool]:
-    """``(layout, aligned)``: how b suits the TMA kernel (see :func:`_tma_layout`), and whether
-    the pointer kernel may load a and b as 16-byte vectors."""
+def _operand_class(a, b, t, tb, out) -> tuple[str | None, bool, tuple, tuple]:
+    """``(layout, aligned, a_strides, b_strides)``: how the operands suit the TMA kernel (see
+    :func:`_tma_layout`), whether the pointer kernel may load a and b as 16-byte vectors, and the
+    strides it read."""
     a_strides = a.stride()
     b_strides = b.stride() if b is not None else (0, 0)
-    layout = _tma_layout(a, a_strides, b, b_strides, out, out.stride())
-    return layout, layout is not None or (_aligned(a, a_strides) and (b is None or _aligned(b, b_strides)))
+    layout = _tma_layout(a, a_strides, b, b_strides, t, tb, out, out.stride())
+    aligned = layout is not None or (_aligned(a, a_strides) and (b is None or _aligned(b, b_strides)))
+    return layout, aligned, a_strides, b_strides
 
 
-def _matmul_key(a, b, t, out) -> tuple:
+def _matmul_key(a, b, t, tb, bias, out) -> tuple:
     """The shape class of an extended matmul, under which its tuned configuration is kept."""
-    a_strides = a.stride()
-    b_strides = b.stride() if b is not None else (0, 0)
-    layout, aligned = _operand_class(a, b, out)
+    layout, aligned, a_strides, b_strides = _operand_class(a, b, t, tb, out)
     inner = a.shape[1] if b is not None else 0
     return ("matmul", a.get_device(), a.dtype, _row_bucket(out.shape[0]), out.shape[1], inner, t.shape[1], layout, aligned,
             a_strides[1] == 1, b_strides[0] == 1)  # fmt: skip
 
 
-def _extended_matmul_plan(a, b, t, tb, S, bias, out, scale, config: Config):
-    """``plan(a, b, t, tb, S, bias, out)``: ``config``'s launch for tensors laid out as these."""
+def _extended_matmul_plan(a, b, t, tb, bias, out, config: Config):
+    """``plan(a, b, t, tb, bias, out)``: ``config``'s launch for tensors laid out as these."""
     rows, cols = out.shape
     inner = a.shape[1] if b is not None else 0
     rank = t.shape[1]
     a_strides, out_strides = a.stride(), out.stride()
     b_strides = b.stride() if b is not None else (0, 0)
-    scale_hi, scale_lo = _float32_pair(scale)
     meta = config.kwargs
-    t_strides, tb_strides = t.stride(), tb.stride()
     if config.tma:
-        layout = _tma_layout(a, a_strides, b, b_strides, out, out_strides)
+        layout = _tma_layout(a, a_strides, b, b_strides, t, tb, out, out_strides)
         block_m, block_n, block_k = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
+        tail_k = min(_rank_pad(rank), meta["TAIL_K"])
         tiles = _cdiv(rows, block_m) * _cdiv(cols, block_n)
         programs = min(tiles, _multiprocessor_count(a.device)) if config.persistent else tiles
         launch = KernelLaunch(
-            _extended_matmul_tma_kernel, (programs,), HAS_S=S is not None, HAS_BIAS=bias is not None,
-            B_ROWS_N=layout == "[N, K]", **dict(meta, TAIL_K=min(_rank_pad(rank), meta["TAIL_K"])),
+            _extended_matmul_tma_kernel, (programs,), HAS_TAIL=rank > 0, HAS_BIAS=bias is not None,
+            B_ROWS_N=layout == "[N, K]", **dict(meta, TAIL_K=tail_k),
         )  # fmt: skip
         # Descriptors hold the tensors: made on each call from these boxes (shape, strides, block).
         a_box = ([rows, inner], list(a_strides), [block_m, block_k])
@@ -566,88 +558,123 @@ def _extended_matmul_plan(a, b, t, tb, S, bias, out, scale, config: Config):
             b_box = ([cols, inner], [b_strides[1], 1], [block_n, block_k])
         else:
             b_box = ([inner, cols], list(b_strides), [block_k, block_n])
+        t_box = ([rows, rank], list(t.stride()), [block_m, tail_k])
+        tb_box = ([cols, rank], [tb.stride()[1], 1], [block_n, tail_k])
         c_box = ([rows, cols], list(out_strides), [block_m, block_n // 2 if meta["SUBTILE"] else block_n])
         tma_store = meta["TMA_STORE"]
-        scalars = (rows, cols, inner, rank, scale_hi, scale_lo, programs, out_strides[0], *t_strides, *tb_strides)
+        scalars = (rows, cols, inner, rank, programs, out_strides[0])
 
-        def plan_tma(a, b, t, tb, S, bias, out):
+        def plan_tma(a, b, t, tb, bias, out):
             c = PlannedDescriptor(out, *c_box) if tma_store else out
-            launch(PlannedDescriptor(a, *a_box), PlannedDescriptor(b, *b_box), c, t, tb, S, bias, *scalars)
+            t_desc, tb_desc = (PlannedDescriptor(t, *t_box), PlannedDescriptor(tb, *tb_box)) if rank else (None, None)
+            launch(PlannedDescriptor(a, *a_box), PlannedDescriptor(b, *b_box), t_desc, tb_desc, c, bias, *scalars)
 
         return plan_tma
     launch = KernelLaunch(
         _extended_matmul_kernel, (_cdiv(rows, meta["BLOCK_M"]) * _cdiv(cols, meta["BLOCK_N"]),),
-        HAS_BASE=b is not None, HAS_S=S is not None, HAS_BIAS=bias is not None,
-        PRECISION=_dot_precision(a.dtype), EVEN_K=inner % meta["BLOCK_K"] == 0,
-        TAIL_K=_tail_width(rank, meta["BLOCK_K"], out.element_size()), TAIL_STAGES=config.stages, **meta,
+        HAS_BASE=b is not None, HAS_BIAS=bias is not None, PRECISION=_dot_precision(a.dtype),
+        EVEN_K=inner % meta["BLOCK_K"] == 0, TAIL_K=_tail_width(rank, meta["BLOCK_K"], a.element_size()),
+        TAIL_STAGES=config.stages, **meta,
     )  # fmt: skip
-    scalars = (rows, cols, inner, rank, scale_hi, scale_lo, *a_strides, *b_strides, *t_strides, *tb_strides, *out_strides)
+    scalars = (rows, cols, inner, rank, *a_strides, *b_strides, *t.stride(), *tb.stride(), *out_strides)
 
-    def plan(a, b, t, tb, S, bias, out):
-        launch(a, b if b is not None else a, t, tb, S, bias, out, *scalars)
+    def plan(a, b, t, tb, bias, out):
+        launch(a, b if b is not None else a, t, tb, bias, out, *scalars)
 
     return plan
 
 
-def matmul_candidates(a, b, out) -> list[Config]:
+def matmul_candidates(a, b, t, tb, bias, out) -> list[Config]:
     """The configurations :func:`extended_matmul` chooses among for these operands."""
-    layout, aligned = _operand_class(a, b, out)
+    layout, aligned, _, _ = _operand_class(a, b, t, tb, out)
     return _matmul_candidates(out.shape[0], out.element_size(), layout is not None, aligned)
 
 
 # ----------------------------------------------------------------------------------------------
-# Staging: a skinny kernel's [·, r] operand rounded to the streamed dtype by a launch of its own
+# Rounding: a [·, r] operand rounded to the streamed dtype by a launch of its own
 #
 # Tensor-core products take both operands in the streamed (16-bit) dtype. Rounded inside a
-# skinny kernel, a float32 operand passes through registers on every step, and Triton's Hopper
-# pipeline keeps a product in flight only while both its operands come from pipelined loads: one
-# made in registers is waited for before the next step (sm_90 TTGIR: wgmma waits with
-# ``pendings = 0`` after each product). Staged ahead, both operands stream from shared memory.
+# kernel, a float32 operand passes through registers on every step, and Triton's Hopper pipeline
+# keeps a product in flight only while both its operands come from pipelined loads: one made in
+# registers is waited for before the next step (sm_90 TTGIR: wgmma waits with ``pendings = 0``
+# after each product). Rounded ahead, both operands stream from shared memory. So are made the
+# rank tails' ``U ⊙ S`` and ``Vtᵀ ⊙ S`` (:func:`scaled_columns`), rank_down's float32 ``b`` in
+# ``staged`` configurations, and the float32 sums of a split rank_down with a 16-bit output.
 
 
 @triton.jit
-def _stage_kernel(src_ptr, dst_ptr, R, C, stride_r, stride_c, scale_hi, scale_lo,
-                  PARTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
-    """``dst[0] = src·scale`` rounded to dst's dtype and, with ``PARTS = 2``, ``dst[1]`` its
-    rounding residue rounded (``dst [PARTS, R, C]`` contiguous): the values the skinny kernels
-    would round in registers, bit for bit."""
+def _round_kernel(src_ptr, s_ptr, dst_ptr, R, C, stride_r, stride_c, stride_dst_r, stride_dst_c, stride_part,
+                  HAS_S: tl.constexpr, PARTS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """``dst[0] = src ⊙ S`` (S scales the columns) rounded to dst's dtype and, with ``PARTS = 2``,
+    ``dst[1]`` its rounding residue rounded (``stride_part`` after it): the values a kernel would
+    round in registers, bit for bit."""
     DTYPE: tl.constexpr = dst_ptr.dtype.element_ty
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows < R)[:, None] & (cols < C)[None, :]
-    src = tl.load(src_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask)
-    value = src * _scale(scale_hi, scale_lo, src.dtype)
+    value = tl.load(src_ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask)
+    if HAS_S:
+        value *= tl.load(s_ptr + cols, mask=cols < C).to(value.dtype)[None, :]
     high = value.to(DTYPE)
-    dst = dst_ptr + rows[:, None] * C + cols[None, :]
+    dst = dst_ptr + rows[:, None] * stride_dst_r + cols[None, :] * stride_dst_c
     tl.store(dst, high, mask=mask)
     if PARTS == 2:
-        tl.store(dst + R * C, (value - high.to(value.dtype)).to(DTYPE), mask=mask)
+        tl.store(dst + stride_part, (value - high.to(value.dtype)).to(DTYPE), mask=mask)
 
 
-def _staged_strides(src) -> tuple[int, int, int]:
-    """The strides of ``src [R, C]``'s two indices in the buffer :func:`_stage` makes of it (row
-    major: the ranks, src's columns, contiguous, as tensor cores take them; a column-major
-    ``Vt.T`` staged the other way round made some tiles spill on sm_90), and between its parts."""
-    rows, cols = src.shape
-    return cols, 1, rows * cols
+def _aligned_width(cols: int, dtype: torch.dtype) -> int:
+    """Row stride, in elements, that starts every row of ``cols`` elements on 16 bytes."""
+    per_16_bytes = max(1, 16 // dtype.itemsize)
+    return _cdiv(cols, per_16_bytes) * per_16_bytes
 
 
-def _stage(src, dtype: torch.dtype, scale: float, parts: int):
-    """``stage(src)`` for tensors laid out as ``src``: a new row-major ``[parts, *src.shape]``
-    buffer of ``dtype`` holding ``src·scale`` rounded and, with ``parts = 2``, its rounding
-    residue rounded. Made once by the plan of the skinny launch it feeds, which fixed the layout."""
-    rows, cols = src.shape
+def _rounding(shape, src_strides, dst_strides, part_stride: int, parts: int, with_s: bool):
+    """``round(src, S, dst)`` (see :func:`_round_kernel`) for tensors of this shape laid out so."""
+    rows, cols = shape
     block_rows, block_cols = 32, 64
-    launch = KernelLaunch(_stage_kernel, (_cdiv(rows, block_rows), _cdiv(cols, block_cols)), PARTS=parts,
+    launch = KernelLaunch(_round_kernel, (_cdiv(rows, block_rows), _cdiv(cols, block_cols)), HAS_S=with_s, PARTS=parts,
                           BLOCK_R=block_rows, BLOCK_C=block_cols, num_warps=4, num_stages=1)  # fmt: skip
-    scalars = (rows, cols, *src.stride(), *_float32_pair(scale))
+    scalars = (rows, cols, *src_strides, *dst_strides, part_stride)
+    return lambda src, S, dst: launch(src, S, dst, *scalars)
+
+
+def _stage(src, dtype: torch.dtype, parts: int):
+    """``(stage, strides)``: ``stage(src)`` returns a new buffer of ``dtype`` holding ``src``
+    rounded and, with ``parts = 2``, its rounding residue rounded, for tensors laid out as
+    ``src [R, C]``; ``strides`` are those of its two indices and between its parts (row major:
+    src's columns, the ranks, contiguous, as tensor cores take them; a column-major ``Vt.T``
+    staged the other way round made some tiles spill on sm_90). Made once by the plan of the
+    launch it feeds, which fixed the layout."""
+    rows, cols = src.shape
+    width = _aligned_width(cols, dtype)
+    round_ = _rounding(src.shape, src.stride(), (width, 1), rows * width, parts, False)
 
     def stage(src):
-        out = src.new_empty((parts, rows, cols), dtype=dtype)
-        launch(src, out, *scalars)
+        out = src.new_empty((parts, rows, width), dtype=dtype)
+        round_(src, None, out)
         return out
 
-    return stage
+    return stage, (width, 1, rows * width)
+
+
+def scaled_columns(src, S, dtype: torch.dtype):
+    """``src ⊙ S`` (S ``[C]`` scales the columns; ``None``: src as is) rounded to ``dtype``, as a new
+    ``[R, C]`` tensor whose rows start on 16 bytes: the rank tail ``tb`` of :func:`extended_matmul`
+    is its ``.T`` (``U ⊙ S`` for y, ``Vtᵀ ⊙ S`` for dx)."""
+    key = ("columns", layout_key(src, S), dtype)
+    plan = _plans.get(key)
+    if plan is None:
+        rows, cols = src.shape
+        width = _aligned_width(cols, dtype)
+        round_ = _rounding(src.shape, src.stride(), (width, 1), 0, 1, S is not None)
+
+        def plan(src, S):
+            out = src.new_empty((rows, width), dtype=dtype)[:, :cols]
+            round_(src, S, out)
+            return out
+
+        _remember(key, plan)
+    return plan(src, S)
 
 
 def _stageable(streamed, skinny) -> bool:
@@ -662,7 +689,7 @@ def _stageable(streamed, skinny) -> bool:
 @triton.jit
 def _rank_down_kernel(
     a_ptr, b_ptr, out_ptr,
-    M, K, RANK,
+    M, K, RANK, scale_hi, scale_lo,
     stride_am, stride_ak, stride_bk, stride_br, stride_om, stride_or,
     SPLIT,  # runtime: one compiled kernel serves every split (1 is specialized, with plain stores)
     stride_bpart,  # STAGED: from b's rounding to its residue
@@ -683,7 +710,7 @@ def _rank_down_kernel(
     offs_k = k_start + tl.arange(0, STEP)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + ranks[None, :] * stride_br
-    acc = tl.zeros((TILE, RANK_PAD), dtype=out_ptr.dtype.element_ty)
+    acc = tl.zeros((TILE, RANK_PAD), dtype=tl.float64 if DTYPE == tl.float64 else tl.float32)
     for k in range(k_start, k_end, STEP):
         in_k = offs_k < k_end - (k - k_start)
         a = tl.load(a_ptrs, mask=in_k[None, :], other=0.0)
@@ -700,10 +727,11 @@ def _rank_down_kernel(
         a_ptrs += STEP * stride_ak
         b_ptrs += STEP * stride_bk
 
+    acc *= _scale(scale_hi, scale_lo, acc.dtype)
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + ranks[None, :] * stride_or
     mask = (offs_m < M)[:, None] & (ranks < RANK)[None, :]
     if SPLIT == 1:
-        tl.store(out_ptrs, acc, mask=mask)
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
 
@@ -723,7 +751,8 @@ for _blocks in _SKINNY_BLOCKS.values():
     _blocks.update({
         # Rows not 16-byte aligned load without vectors (nor async copies): smaller steps, or spills.
         "16-bit, unaligned": [(128, 64, 8, 3), (128, 32, 8, 4), (64, 32, 8, 3), (32, 32, 4, 3), (16, 32, 4, 3)],
-        "float32": [(32, 32, 8, 3), (16, 64, 4, 3), (16, 32, 4, 3)],
+        # (32-row tiles of 8 warps spill in rank_down's scaling epilogue on sm_90.)
+        "float32": [(16, 64, 4, 3), (16, 32, 4, 3)],
         "float64": [(16, 8, 4, 1)],
     })  # fmt: skip
 _INTERPRETER_SKINNY_BLOCKS = [(32, 32, 4, 1)]
@@ -785,23 +814,25 @@ def _unstaged_skinny_candidates(kernel, extent, length, rank_pad, size, skinny_s
     return configs
 
 
-def rank_down(a, b, out, config: Config | None = None):
-    """``out = a·b``: a ``[M, K]`` (any float dtype), b ``[K, r]`` (any float dtype; wider than a's,
-    it enters as a's rounding plus the residue), out ``[M, r]`` in a's accumulation dtype; any strides.
-    ``config`` overrides the tuned choice (see :func:`rank_down_candidates`)."""
+def rank_down(a, b, out, scale: float = 1.0, config: Config | None = None):
+    """``out = scale·a·b``: a ``[M, K]`` (any float dtype), b ``[K, r]`` (any float dtype; wider
+    than a's, it enters as a's rounding plus the residue), out ``[M, r]`` in a's dtype or its
+    accumulation dtype (the sum is rounded once, at the end); any strides. ``config`` overrides
+    the tuned choice (see :func:`rank_down_candidates`)."""
     tensors = (a, b, out)
 
     def tuning_key():
         rows, inner = a.shape
         a_strides = a.stride()
-        return ("down", a.get_device(), a.dtype, b.dtype, _row_bucket(rows), inner, b.shape[1], _aligned(a, a_strides),
-                a_strides[1] == 1, b.stride()[0] == 1)  # fmt: skip
+        return ("down", a.get_device(), a.dtype, b.dtype, out.dtype, _row_bucket(rows), inner, b.shape[1],
+                _aligned(a, a_strides), a_strides[1] == 1, b.stride()[0] == 1)  # fmt: skip
 
-    _launch("down", tensors, lambda c: _rank_down_plan(*tensors, c), tuning_key, lambda: rank_down_candidates(a, b), config)
+    _launch("down", tensors, lambda c: _rank_down_plan(*tensors, scale, c), tuning_key, lambda: rank_down_candidates(a, b),
+            config, scale=scale)  # fmt: skip
     return out
 
 
-def _rank_down_plan(a, b, out, config: Config):
+def _rank_down_plan(a, b, out, scale, config: Config):
     """``plan(a, b, out)``: ``config``'s launch for tensors laid out as these."""
     rows, inner = a.shape
     rank = b.shape[1]
@@ -810,15 +841,24 @@ def _rank_down_plan(a, b, out, config: Config):
         _rank_down_kernel, (_cdiv(rows, meta["TILE"]), config.split), RANK_PAD=_rank_pad(rank),
         PRECISION=_dot_precision(a.dtype), STAGED=config.staged, **meta,
     )  # fmt: skip
-    stage = _stage(b, a.dtype, 1.0, 2) if config.staged else None
-    *b_strides, part_stride = _staged_strides(b) if stage else (*b.stride(), 0)
-    scalars = (rows, inner, rank, *a.stride(), *b_strides, *out.stride(), config.split, part_stride)
+    stage, b_strides = _stage(b, a.dtype, 2) if config.staged else (None, (*b.stride(), 0))
+    scalars = (rows, inner, rank, *_float32_pair(scale), *a.stride(), *b_strides[:2])
     split = config.split > 1
+    # Split programs add float32 partial sums: into a zeroed buffer, rounded into a 16-bit out after.
+    accumulation = accumulation_dtype(a.dtype)
+    round_sums = _rounding(out.shape, (rank, 1), out.stride(), 0, 1, False) if split and out.dtype != accumulation else None
+    sums_strides = (rank, 1) if round_sums else out.stride()
 
     def plan(a, b, out):
-        if split:
-            out.zero_()
-        launch(a, stage(b) if stage else b, out, *scalars)
+        b = stage(b) if stage else b
+        if round_sums:
+            sums = out.new_zeros((rows, rank), dtype=accumulation)
+            launch(a, b, sums, *scalars, *sums_strides, config.split, b_strides[2])
+            round_sums(sums, None, out)
+        else:
+            if split:
+                out.zero_()
+            launch(a, b, out, *scalars, *sums_strides, config.split, b_strides[2])
 
     return plan
 
@@ -839,11 +879,11 @@ def rank_down_candidates(a, b) -> list[Config]:
 @triton.jit
 def _row_reduction_kernel(
     a_ptr, t_ptr, s_ptr, w_ptr, out_ptr, red_ptr,
-    M, P, RANK, scale_hi, scale_lo,
+    M, P, RANK,
     stride_am, stride_ap, stride_tm, stride_tr, stride_wp, stride_wr, stride_op, stride_or,
     SPLIT,  # runtime: one compiled kernel serves every split (1 is specialized, with plain stores)
     RANK_PAD: tl.constexpr, HAS_S: tl.constexpr, HAS_REDUCTION: tl.constexpr, PRECISION: tl.constexpr,
-    STAGED: tl.constexpr, TILE: tl.constexpr, STEP: tl.constexpr,
+    TILE: tl.constexpr, STEP: tl.constexpr,
 ):  # fmt: skip
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     ACC: tl.constexpr = out_ptr.dtype.element_ty
@@ -858,7 +898,6 @@ def _row_reduction_kernel(
     cols = (offs_p % P).to(tl.int64)
     ranks = tl.arange(0, RANK_PAD)
     in_rank = ranks < RANK
-    scale = _scale(scale_hi, scale_lo, ACC)
     acc = tl.zeros((TILE, RANK_PAD), dtype=ACC)
     for m in range(m_start, m_end, STEP):
         offs_m = m + tl.arange(0, STEP)
@@ -867,9 +906,7 @@ def _row_reduction_kernel(
         a_t = tl.load(a_ptr + cols[:, None] * stride_ap + rows[None, :] * stride_am, mask=in_rows[None, :], other=0.0)
         t = tl.load(t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr,
                     mask=in_rows[:, None] & in_rank[None, :], other=0.0)  # fmt: skip
-        if not STAGED:  # (staged: t·scale rounded ahead, see _stage)
-            t = _scaled_ranks(t, s_ptr, ranks, RANK, scale, False, DTYPE)
-        acc = _multiply_accumulate(acc, a_t, t, PRECISION)
+        acc = _multiply_accumulate(acc, a_t, t.to(DTYPE), PRECISION)
 
     in_cols = offs_p < P
     if HAS_REDUCTION:
@@ -886,65 +923,61 @@ def _row_reduction_kernel(
         tl.atomic_add(out_ptrs, acc, mask=mask, sem="relaxed")
 
 
-def row_reduction(a, t, S, scale, out, w=None, red=None, config: Config | None = None, stage: bool = False):
-    """``out = scale·aᵀ t ⊙ S`` reducing over the M rows; with ``w``, also ``red += scale·Σ_p (aᵀ t)⊙w``.
+def row_reduction(a, t, S, out, w=None, red=None, config: Config | None = None):
+    """``out = aᵀ t ⊙ S`` reducing over the M rows; with ``w``, also ``red += Σ_p (aᵀ t)⊙w``.
 
-    a ``[M, P]`` (any float dtype), t ``[M, r]`` (rounded to a's dtype after the scale), S ``[r]``
-    or ``None``, out ``[P, r]`` and red ``[r]`` (zeroed by the caller) in a's accumulation dtype,
-    w ``[P, r]``; any strides. ``stage``: the launch may round ``t·scale`` into a new ``[M, r]``
-    buffer of a's dtype first (see :func:`_stage`; the caller's memory budget allows it).
-    ``config`` overrides the tuned choice (see :func:`row_reduction_candidates`).
+    a ``[M, P]`` (any float dtype), t ``[M, r]`` (rounded to a's dtype in registers: pass it in
+    a's dtype, or every product waits for the rounding, see :func:`_round_kernel`), S ``[r]`` or
+    ``None``, out ``[P, r]`` and red ``[r]`` (zeroed by the caller) in a's accumulation dtype,
+    w ``[P, r]``; any strides. ``config`` overrides the tuned choice (see
+    :func:`row_reduction_candidates`).
     """
     tensors = (a, t, S, w, out, red)
 
     def tuning_key():
         rows, columns = a.shape
         a_strides = a.stride()
-        return ("reduction", a.get_device(), a.dtype, _row_bucket(rows), columns, t.shape[1], _aligned(a, a_strides),
-                a_strides[1] == 1, w is None, stage)  # fmt: skip
+        return ("reduction", a.get_device(), a.dtype, t.dtype, _row_bucket(rows), columns, t.shape[1],
+                _aligned(a, a_strides), a_strides[1] == 1, w is None)  # fmt: skip
 
-    _launch("reduction, stage" if stage else "reduction", tensors, lambda c: _row_reduction_plan(*tensors, scale, c),
-            tuning_key, lambda: row_reduction_candidates(a, t, w is not None, stage), config,
-            None if red is None else red.zero_, scale)  # fmt: skip
+    _launch("reduction", tensors, lambda c: _row_reduction_plan(*tensors, c), tuning_key,
+            lambda: row_reduction_candidates(a, t, w is not None), config, None if red is None else red.zero_)  # fmt: skip
     return out
 
 
-def _row_reduction_plan(a, t, S, w, out, red, scale, config: Config):
+def _row_reduction_plan(a, t, S, w, out, red, config: Config):
     """``plan(a, t, S, w, out, red)``: ``config``'s launch for tensors laid out as these."""
     rows, columns = a.shape
     rank = t.shape[1]
     meta = config.kwargs
     launch = KernelLaunch(
         _row_reduction_kernel, (_cdiv(columns, meta["TILE"]), config.split), RANK_PAD=_rank_pad(rank),
-        HAS_S=S is not None, HAS_REDUCTION=w is not None, PRECISION=_dot_precision(a.dtype), STAGED=config.staged,
-        **meta,
+        HAS_S=S is not None, HAS_REDUCTION=w is not None, PRECISION=_dot_precision(a.dtype), **meta,
     )  # fmt: skip
-    stage = _stage(t, a.dtype, scale, 1) if config.staged else None
-    t_strides = _staged_strides(t)[:2] if stage else t.stride()
-    scalars = (rows, columns, rank, *_float32_pair(scale), *a.stride(), *t_strides,
-               *(w.stride() if w is not None else (0, 0)), *out.stride(), config.split)  # fmt: skip
+    scalars = (rows, columns, rank, *a.stride(), *t.stride(), *(w.stride() if w is not None else (0, 0)), *out.stride(),
+               config.split)  # fmt: skip
     split = config.split > 1
 
     def plan(a, t, S, w, out, red):
         if split:
             out.zero_()
-        launch(a, stage(t) if stage else t, S, w, out, red, *scalars)
+        launch(a, t, S, w, out, red, *scalars)
 
     return plan
 
 
-def row_reduction_candidates(a, t, reduction: bool = False, stage: bool = False) -> list[Config]:
+def row_reduction_candidates(a, t, reduction: bool = False) -> list[Config]:
     """The configurations :func:`row_reduction` chooses among for these operands (``reduction``:
-    with ``w`` and ``red``; ``stage``: staged ones may be among them)."""
+    with ``w`` and ``red``)."""
     rows, columns = a.shape
     return _skinny_candidates(
         "row_reduction", columns, rows, _rank_pad(t.shape[1]), a.element_size(), t.element_size(), a.device,
-        _aligned(a, a.stride()), reduction, stageable=stage and _stageable(a, t),
+        _aligned(a, a.stride()), reduction,
     )  # fmt: skip
 
 
 # Every kernel of the module (offline compilation captures their launches).
-KERNELS = (_extended_matmul_kernel, _extended_matmul_tma_kernel, _stage_kernel, _rank_down_kernel, _row_reduction_kernel)
+KERNELS = (_extended_matmul_kernel, _extended_matmul_tma_kernel, _round_kernel, _rank_down_kernel, _row_reduction_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -955,27 +988,45 @@ def _contiguous(vector):
     return None if vector is None else vector.contiguous()
 
 
+def saved_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the ``[M, r]`` intermediate saved for the backward: x's own (see :func:`forward`)."""
+    return dtype
+
+
+def _rank_buffer(like, rows: int, rank: int):
+    """A new ``[rows, rank]`` tensor of like's dtype whose rows start on 16 bytes (a TMA operand)."""
+    return like.new_empty((rows, _aligned_width(rank, like.dtype)))[:, :rank]
+
+
 def forward(x, weight, U, S, Vt, bias, scale):
+    """The backend interface's forward, saving ``scale·x Vtᵀ`` rounded to x's dtype (its only
+    uses, the rank tail and dU's pass, take it so on tensor cores), at half the memory of float32
+    for 16-bit x."""
     rows = x.shape[0]
     y = x.new_empty((rows, U.shape[0]))
-    z = x.new_empty((rows, U.shape[1]), dtype=accumulation_dtype(x.dtype))
+    z = _rank_buffer(x, rows, U.shape[1])
     if rows == 0:
         return y, z
     with on_device(x.device):
-        rank_down(x, Vt.T, z)
-        extended_matmul(x, None if weight is None else weight.T, z, U.T, _contiguous(S), scale, _contiguous(bias), y)
+        rank_down(x, Vt.T, z, scale)
+        tail = scaled_columns(U, _contiguous(S), x.dtype)
+        extended_matmul(x, None if weight is None else weight.T, z, tail.T, _contiguous(bias), y)
     return y, z
 
 
 def backward(dy, x, z, weight, U, S, Vt, scale, needs):
+    """The backend interface's backward, for the ``z = scale·x Vtᵀ`` of :func:`forward`."""
     with on_device(dy.device):
         return _backward(dy, x, z, weight, U, S, Vt, scale, needs)
 
 
 def _backward(dy, x, z, weight, U, S, Vt, scale, needs):
+    # With z and g = scale·dy U both in dy's dtype: dU = (dyᵀ z) ⊙ S, dS = Σ_o U ⊙ (dyᵀ z),
+    # dx = dy W + g (Vt ⊙ S), dVt = (xᵀ g ⊙ S)ᵀ. Beside z the step keeps g alone (and, where
+    # rank_down splits, its float32 sums): at most 4·M·r elements of x's dtype in all.
     need_dx, need_dU, need_dS, need_dVt = needs
     need_dS = need_dS and S is not None
-    acc = z.dtype
+    acc = accumulation_dtype(dy.dtype)
     rows, rank = z.shape
     S = _contiguous(S)
     dx = dU = dS = dVt = None
@@ -985,24 +1036,22 @@ def _backward(dy, x, z, weight, U, S, Vt, scale, needs):
         if rows == 0:
             dU_acc.zero_()
         else:
-            # z may be staged (M·r of dy's dtype beside z); g, which comes next, may not: z, g and
-            # a staged g would exceed the step's budget of 4·M·r elements of x's dtype.
-            row_reduction(dy, z, S, scale, dU_acc, w=U if need_dS else None, red=dS_acc, stage=True)
+            row_reduction(dy, z, S, dU_acc, w=U if need_dS else None, red=dS_acc)
         dU = dU_acc.to(U.dtype) if need_dU else None
         dS = dS_acc.to(S.dtype) if need_dS else None
     if need_dx or need_dVt:
-        g = z.new_empty((rows, rank))
+        g = _rank_buffer(dy, rows, rank)
         if rows > 0:
-            rank_down(dy, U, g)
+            rank_down(dy, U, g, scale)
         if need_dx:
             dx = x.new_empty(x.shape)
             if rows > 0:
-                extended_matmul(dy, weight, g, Vt, S, scale, None, dx)
+                extended_matmul(dy, weight, g, scaled_columns(Vt.T, S, dy.dtype).T, None, dx)
         if need_dVt:
             dVt_acc = Vt.new_empty(Vt.shape, dtype=acc)
             if rows == 0:
                 dVt_acc.zero_()
             else:
-                row_reduction(x, g, S, scale, dVt_acc.T)
+                row_reduction(x, g, S, dVt_acc.T)
             dVt = dVt_acc.to(Vt.dtype)
     return dx, dU, dS, dVt
