@@ -2,8 +2,8 @@
 
 ``python bench/compare_step.py OTHER_ROOT [--out FILE]``, from the repository root, where
 OTHER_ROOT holds another version's ``sorsa_kernels`` (``git worktree add /tmp/old HEAD~1``): for
-each shape (bf16 x and weight, float32 adapters), one sorsa_linear forward + backward beside
-``F.linear`` forward + dx, each timed with ``triton.testing.do_bench`` (median), and the extra
+each shape, one layer's step (bench/layer_step.py: sorsa_linear forward + backward beside
+``F.linear`` forward + dx), each timed with ``triton.testing.do_bench`` (median), and the extra
 peak memory over the dense step, in one subprocess per package, alternating for a few rounds.
 Prints one line per shape, round and package, then the median ratio of this checkout's step
 to the other's.
@@ -24,35 +24,17 @@ ROUNDS = 3
 
 def measure() -> None:
     """Child: time every shape with the sorsa_kernels on sys.path; one JSON line per shape."""
-    import torch
-    import torch.nn.functional as F
-    import triton
+    from layer_step import layer_steps
 
     import sorsa_kernels as sk
+    from sorsa_kernels.benchmark.common import median_ms, peak_memory_mb
 
-    for rows, in_features, out_features, rank in SHAPES:
-        x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        weight = torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16) / in_features**0.5
-        U = torch.randn(out_features, rank, device="cuda", requires_grad=True)
-        S = torch.rand(rank, device="cuda", requires_grad=True)
-        Vt = torch.randn(rank, in_features, device="cuda", requires_grad=True)
-        dy = torch.randn(rows, out_features, device="cuda", dtype=torch.bfloat16)
-        steps = {
-            "ours": lambda x=x, w=weight, U=U, S=S, Vt=Vt, dy=dy: sk.sorsa_linear(
-                x, w, U, S, Vt, None, 0.5, backend="triton"
-            ).backward(dy),
-            "dense": lambda x=x, w=weight, dy=dy: F.linear(x, w).backward(dy),
-        }
-        row = {"shape": [rows, in_features, out_features, rank], "root": str(Path(sk.__file__).parents[1])}
-        for name, fn in steps.items():
-            fn()  # tunes and compiles
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            start = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            row[f"{name} peak MB"] = (torch.cuda.max_memory_allocated() - start) / 2**20
-            row[f"{name} ms"] = triton.testing.do_bench(fn)
+    for shape in SHAPES:
+        row = {"shape": list(shape), "root": str(Path(sk.__file__).parents[1])}
+        for name, step in layer_steps(*shape).items():
+            step()  # tunes and compiles
+            row[f"{name} peak MB"] = peak_memory_mb(step)
+            row[f"{name} ms"] = median_ms(step)
         print(json.dumps(row), flush=True)
 
 

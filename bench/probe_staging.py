@@ -1,6 +1,6 @@
 """Staged skinny operands against operands rounded in registers, paired in one process.
 
-For each shape (bf16 x and weight, float32 adapters), one sorsa_linear forward + backward with
+For each shape, one layer's step (bench/layer_step.py: sorsa_linear forward + backward) with
 the untuned first configuration of every launch (``SORSA_KERNELS_AUTOTUNE=0``: the same tiles
 either way, where staging puts a staged twin first on large passes) and with staging switched
 off, alternating, beside ``F.linear`` forward + dx. ``python bench/probe_staging.py`` on a GPU,
@@ -12,36 +12,14 @@ import os
 os.environ["SORSA_KERNELS_AUTOTUNE"] = "0"
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from layer_step import layer_steps  # noqa: E402
 
-import sorsa_kernels as sk  # noqa: E402
 from sorsa_kernels.benchmark.common import median_ms  # noqa: E402
 from sorsa_kernels.triton import linear  # noqa: E402
 
 SHAPES = [(16384, 4096, 11008, 128), (16384, 11008, 4096, 128), (16384, 4096, 14336, 128), (16384, 4096, 4096, 64),
           (4096, 4096, 11008, 128), (4096, 4096, 4096, 128), (4096, 4096, 1024, 64)]  # fmt: skip
 ROUNDS = 3
-
-
-def step(rows, in_features, out_features, rank):
-    x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    weight = torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16) / in_features**0.5
-    U = torch.randn(out_features, rank, device="cuda", requires_grad=True)
-    S = torch.rand(rank, device="cuda", requires_grad=True)
-    Vt = torch.randn(rank, in_features, device="cuda", requires_grad=True)
-    dy = torch.randn(rows, out_features, device="cuda", dtype=torch.bfloat16)
-    tensors = (x, U, S, Vt)
-
-    def ours():
-        sk.sorsa_linear(x, weight, U, S, Vt, None, 0.5, backend="triton").backward(dy)
-        for t in tensors:
-            t.grad = None
-
-    def dense():
-        F.linear(x, weight).backward(dy)
-        x.grad = None
-
-    return ours, dense
 
 
 def main():
@@ -51,7 +29,8 @@ def main():
         f"{'M x in -> out, r':>26} {'round':>5} {'dense ms':>9} {'staged ms':>10} {'in-register ms':>15} {'ratio':>6}"
     )
     for shape in SHAPES:
-        ours, dense = step(*shape)
+        steps = layer_steps(*shape)
+        ours, dense = steps["ours"], steps["dense"]
         for round_ in range(ROUNDS):
             times = {}
             for name, switch in (("staged", stageable), ("register", lambda *_: False)):
