@@ -20,7 +20,7 @@ from sorsa_kernels.triton import linear  # noqa: E402
 
 H100_SHARED_BYTES = 232448
 # (x dtype, adapter dtype, M, in, out, rank): the training shapes' classes (the smallest, the
-# largest and an oversized rank), unaligned rows, decode, and the other dtypes. (float16
+# largest and an oversized rank), unaligned rows, decode (at the largest rank too), and the other dtypes. (float16
 # compiles as bfloat16.)
 CASES = [
     *((torch.bfloat16, torch.float32, 4096, 4096, 11008, rank) for rank in (16, 128, 256)),
@@ -28,6 +28,7 @@ CASES = [
     *((torch.bfloat16, torch.float32, rows, 4100, 4096, 128) for rows in (4096, 8)),  # rows not 16-byte aligned
     *((torch.float32, torch.float32, rows, 4095, 1027, 128) for rows in (1000, 8)),
     (torch.bfloat16, torch.float32, 8, 4096, 4096, 128),
+    *((torch.bfloat16, torch.float32, rows, 4096, 4096, rank) for rows, rank in ((1, 256), (64, 128))),
     *((torch.float32, torch.float32, rows, 4096, 4096, 128) for rows in (4096, 8)),
     (torch.float64, torch.float64, 512, 256, 256, 32),
 ]

@@ -70,6 +70,10 @@ def check_against_oracle(backend, inputs, scale, tol, trainable_base=False):
     ref_leaves = [t for t in ref_inputs if t is not None and t.requires_grad]
     ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy.to(torch.float64))
     assert_close(y, y_ref, tol, "y")
+    with torch.no_grad(), poisoned_allocations():  # the inference path: y alone
+        y_infer = sorsa_linear(x, weight, U, S, Vt, bias, scale, backend=backend)
+    assert y_infer.dtype == x.dtype and y_infer.shape == y.shape
+    assert_close(y_infer, y_ref, tol, "y without grad")
     names = [n for n, t in zip(("x", "weight", "U", "S", "Vt", "bias"), inputs) if t is not None and t.requires_grad]
     for name, leaf, grad, ref in zip(names, leaves, grads, ref_grads):
         assert grad.dtype == leaf.dtype, f"d{name} dtype"
@@ -197,6 +201,8 @@ def test_torch_compile_fullgraph(backend):
     (ref_grad,) = torch.autograd.grad(ref_value, x)
     assert_close(value, ref_value, 1e-5, "value")
     assert_close(grad, ref_grad, 1e-5, "dx")
+    with torch.no_grad():  # the inference op, traced apart (grad mode is part of the guard)
+        assert_close(compiled(x[:, :1]), model(x[:, :1]), 1e-5, "value without grad")
 
 
 BAD_INPUTS = [
@@ -251,6 +257,9 @@ def test_torch_compile_sees_the_custom_ops():
     model(x).backward()
     forward_graph, backward_graph = graphs
     assert "sorsa_kernels.linear_forward" in forward_graph and "sorsa_kernels.linear_backward" in backward_graph
+    with torch.no_grad():
+        model(x)
+    assert "sorsa_kernels.linear_infer" in graphs[-1]
 
 
 TRITON_REASON = why_unavailable("triton", DEVICE)
@@ -273,6 +282,11 @@ def kernel_inputs(rows, in_features, out_features, rank, dtype, adapter_dtype):
         # Interpreter: 16-bit operands with 16-byte aligned rows take the TMA kernel, others not.
         pytest.param(96, 48, 40, 7, torch.float16, id="fp16-tma"),
         pytest.param(70, 45, 37, 5, torch.float32, id="fp32-pointer"),
+        # Few rows: also the one-launch forward of inference.
+        pytest.param(3, 48, 40, 7, torch.float16, id="fp16-few"),
+        pytest.param(17, 45, 37, 5, torch.float32, id="fp32-few"),
+        pytest.param(7, 4096, 4112, 128, torch.bfloat16, marks=gpu, id="gpu-bf16-few"),
+        pytest.param(64, 4096, 4112, 128, torch.bfloat16, marks=gpu, id="gpu-bf16-few64"),
     ],
 )
 def test_every_candidate_config(rows, in_features, out_features, rank, dtype):
@@ -280,6 +294,7 @@ def test_every_candidate_config(rows, in_features, out_features, rank, dtype):
     float32 on the same inputs; z and g, which come out rounded to x's dtype, to float32 accuracy
     before that rounding)."""
     from sorsa_kernels.benchmark.linear_products import step_products
+    from sorsa_kernels.triton import linear
 
     if DEVICE.type == "cpu" and rows > 100:
         pytest.skip("GPU sizes")
@@ -289,7 +304,7 @@ def test_every_candidate_config(rows, in_features, out_features, rank, dtype):
     products = step_products(*inputs, scale)
     # rank_down's products, rounded to x's dtype: checked element by element against float64.
     rounded_sums = {"z": (x, Vt.T), "g": (dy, U)}
-    if dtype == torch.float16:
+    if dtype == torch.float16 and rows > linear.FEW_ROWS:
         assert any(c.tma for p in products for c in p.candidates), "the TMA kernel must be among the candidates"
     for product in products:
         references = product.reference()

@@ -1,7 +1,8 @@
-"""The six kernel launches of one ``sorsa_linear`` training step, each with its candidate
-configurations and a float32 PyTorch reference: what the sweep times config by config, what
-tune_linear times alone, what the GPU test checks for every configuration and what the sm_90
-compile check compiles (on meta tensors)."""
+"""The six kernel launches of one ``sorsa_linear`` training step (and, for few rows, the
+one-launch forward of inference), each with its candidate configurations and a float32
+PyTorch reference: what the sweep times config by config, what tune_linear times alone, what
+the GPU test checks for every configuration and what the sm_90 compile check compiles (on meta
+tensors)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from triton.backends.compiler import GPUTarget
 
 from sorsa_kernels.reference.linear import accumulation_dtype
 from sorsa_kernels.triton import linear as kernels
+
+
+# The name of the inference forward of few rows among the products (it may split its K loop).
+FEW_ROWS_PRODUCT = "y (few rows)"
 
 
 @dataclass
@@ -35,9 +40,10 @@ class Product:
 
 def step_products(x, weight, U, S, Vt, dy, scale, *, rank_zero=False) -> list[Product]:
     """The launches of one step on these inputs (2-D x ``[M, in]``, dy ``[M, out]``), in the
-    order the step runs them; the inputs z and g of later launches are produced by earlier ones,
-    the rank tails' ``U ⊙ S`` and ``Vtᵀ ⊙ S`` here, once (a small launch each, not timed).
-    ``rank_zero``: y and dx without the rank tail (the bare GEMMs of the extended kernel)."""
+    order the step runs them, with the inference forward of few rows after y; the inputs z and g
+    of later launches are produced by earlier ones, the rank tails' ``U ⊙ S`` and ``Vtᵀ ⊙ S``
+    here, once (a small launch each, not timed). ``rank_zero``: y and dx without the rank tail
+    (the bare GEMMs of the extended kernel)."""
     rows, in_features = x.shape
     out_features, rank = U.shape
     acc = accumulation_dtype(x.dtype)
@@ -73,7 +79,7 @@ def step_products(x, weight, U, S, Vt, dy, scale, *, rank_zero=False) -> list[Pr
 
     gemm_flops = 2 * rows * in_features * out_features
     tail_flops = 0 if rank_zero else 2 * rows * rank * max(in_features, out_features)
-    return [
+    products = [
         Product("z", lambda c=None: kernels.rank_down(x, Vt.T, z, scale, c), kernels.rank_down_candidates(x, Vt.T), (z,),
                 lambda: (scale * (x.to(acc) @ Vt.to(acc).T),),
                 rows * in_features * size + rank * in_features * adapter, 2 * rows * in_features * rank),
@@ -92,13 +98,26 @@ def step_products(x, weight, U, S, Vt, dy, scale, *, rank_zero=False) -> list[Pr
                 kernels.row_reduction_candidates(x, g), (dVt,), lambda: (dVt_reference(),),
                 rows * (in_features + rank) * size, 2 * rows * in_features * rank),
     ]  # fmt: skip
+    if rows <= kernels.FEW_ROWS and x.dtype != torch.float64 and not rank_zero:
+        # The no-grad forward of decode: y again, from x and the adapters in one launch.
+        y_few = torch.empty_like(dy)
+        products.insert(2, Product(
+            FEW_ROWS_PRODUCT, lambda c=None: kernels.few_rows_forward(x, weight, U, S, Vt, None, scale, y_few, c),
+            kernels.few_rows_candidates(x, weight, y_few), (y_few,), lambda: (y_reference(),),
+            (rows * (in_features + out_features) + in_features * out_features) * size
+            + rank * (in_features + out_features) * adapter,
+            gemm_flops + 2 * rows * rank * (in_features + out_features),
+        ))  # fmt: skip
+    return products
 
 
 def compiled_variants(product: Product) -> list:
-    """The candidates of ``product`` with, for each unsplit skinny one, a split twin: a split is
-    a runtime argument, but 1 compiles its own binary (plain stores), and which splits are
-    candidates depends on the GPU's SM count (on meta tensors: none)."""
-    twins = [dataclasses.replace(c, split=2) for c in product.candidates if not c.tma and "TILE" in c.kwargs and c.split == 1]
+    """The candidates of ``product`` with, for each unsplit one of a kernel that may split (the
+    skinny ones and the few-row forward), a split twin: a split is a runtime argument, but 1
+    compiles its own binary (without atomics), and which splits are candidates depends on the
+    GPU's SM count (on meta tensors: none)."""
+    splits = product.name == FEW_ROWS_PRODUCT or any("TILE" in c.kwargs for c in product.candidates)
+    twins = [dataclasses.replace(c, split=2) for c in product.candidates if splits and not c.tma and c.split == 1]
     return product.candidates + [t for t in twins if t not in product.candidates]
 
 

@@ -3,7 +3,8 @@
 The op is an autograd Function over the backend interface. Under ``torch.compile`` its
 forward and backward call two ``torch.library`` custom ops (each dispatching to the resolved
 backend), so that ``fullgraph=True`` sees two opaque nodes and no graph break; in eager mode they
-call the backend directly (see :func:`_through_custom_op`).
+call the backend directly (see :func:`_through_custom_op`). Where no gradient is needed, a third
+op computes y alone.
 """
 
 from typing import Optional
@@ -37,6 +38,26 @@ def _linear_forward_fake(x, weight, U, S, Vt, bias, scale, backend):
     rows = x.shape[0]
     saved = implementation("sorsa_linear", backend).saved_dtype(x.dtype)
     return x.new_empty((rows, U.shape[0])), x.new_empty((rows, U.shape[1]), dtype=saved)
+
+
+@torch.library.custom_op("sorsa_kernels::linear_infer", mutates_args=())
+def linear_infer(
+    x: Tensor,
+    weight: Optional[Tensor],
+    U: Tensor,
+    S: Optional[Tensor],
+    Vt: Tensor,
+    bias: Optional[Tensor],
+    scale: float,
+    backend: str,
+) -> Tensor:
+    """``y`` of the backend interface's ``infer``: the forward where no gradient is needed."""
+    return implementation("sorsa_linear", backend).infer(x, weight, U, S, Vt, bias, scale)
+
+
+@linear_infer.register_fake
+def _linear_infer_fake(x, weight, U, S, Vt, bias, scale, backend):
+    return x.new_empty((x.shape[0], U.shape[0]))
 
 
 @torch.library.custom_op("sorsa_kernels::linear_backward", mutates_args=())
@@ -77,6 +98,12 @@ def _forward(x, weight, U, S, Vt, bias, scale, backend):
     if _through_custom_op(x):
         return torch.ops.sorsa_kernels.linear_forward(x, weight, U, S, Vt, bias, scale, backend)
     return implementation("sorsa_linear", backend).forward(x, weight, U, S, Vt, bias, scale)
+
+
+def _infer(x, weight, U, S, Vt, bias, scale, backend):
+    if _through_custom_op(x):
+        return torch.ops.sorsa_kernels.linear_infer(x, weight, U, S, Vt, bias, scale, backend)
+    return implementation("sorsa_linear", backend).infer(x, weight, U, S, Vt, bias, scale)
 
 
 def _backward(dy, x, z, weight, U, S, Vt, scale, needs, backend):
@@ -199,6 +226,6 @@ def sorsa_linear(
     rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, U, S, Vt, bias)):
         y = SORSALinearFunction.apply(rows, weight, U, S, Vt, bias, float(scale), name)
-    else:  # inference: no autograd node to build, and z is dropped at once
-        y = _forward(rows, weight, U, S, Vt, bias, float(scale), name)[0]
+    else:  # inference: no autograd node to build, and no z to keep
+        y = _infer(rows, weight, U, S, Vt, bias, float(scale), name)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], U.shape[0])

@@ -1,6 +1,6 @@
 """Pure-PyTorch fused adapter linear: the torch backend and the test oracle.
 
-Backend interface of ``sorsa_linear`` (every backend module implements these three functions):
+Backend interface of ``sorsa_linear`` (every backend module implements these four functions):
 
 ``forward(x, weight, U, S, Vt, bias, scale) -> (y, z)``
     x ``[M, in]`` (2-D, any strides), weight ``[out, in]`` or ``None`` (no frozen base),
@@ -8,6 +8,9 @@ Backend interface of ``sorsa_linear`` (every backend module implements these thr
     Returns ``y = x weightᵀ + scale·((x Vtᵀ) ⊙ S) Uᵀ + bias`` ``[M, out]`` in x's dtype and the
     intermediate saved for the backward, ``z`` ``[M, r]``: the backend's own form of ``x Vtᵀ``,
     which only its own backward reads (here ``x Vtᵀ`` itself).
+
+``infer(x, weight, U, S, Vt, bias, scale) -> y``
+    The same ``y`` where no gradient is needed (inference): the backend may skip z.
 
 ``saved_dtype(dtype) -> dtype``
     The dtype of that ``z`` for x of ``dtype`` (here :func:`accumulation_dtype`).
@@ -51,6 +54,10 @@ def forward(x, weight, U, S, Vt, bias, scale):
     if bias is not None:
         y += bias.to(acc)
     return y.to(x.dtype), z
+
+
+def infer(x, weight, U, S, Vt, bias, scale):
+    return forward(x, weight, U, S, Vt, bias, scale)[0]
 
 
 def backward(dy, x, z, weight, U, S, Vt, scale, needs):

@@ -14,8 +14,9 @@ strides, mixed shapes and float dtypes, all on one device; "matrix i" counts the
 deviations ``D_i`` and norms are float32 (float64 when any factor is float64).
 
 Accuracy: adapters stay near orthonormal, where ``G − I`` cancels all but the last digits of
-``G``'s diagonal, so ``D`` is never computed as a float32 ``G`` less ``I``: its diagonal comes
-from float64 sums of squares.
+``G``'s diagonal, so ``D`` is never computed as a float32 ``G`` less ``I``: here the whole Gram
+matrix is summed in float64 (its off-diagonal entries, of the size of ``D``, are sums over the
+long dimension whose float32 rounding reached 1e-5 of ``D``), then rounded.
 
 ``prepare(Us, Vts) -> plan``
     Whatever the backend wants to reuse across calls. The ops layer caches the plan for these
@@ -79,11 +80,11 @@ def forward(plan, Us, Vts, form):
     rank = max(m.shape[1] for m in mats)
     deviations = mats[0].new_zeros((len(mats), rank, rank), dtype=acc)
     for i, m in enumerate(mats):
-        x = m.to(acc)
+        x = m.double()
         r = m.shape[1]
         deviation = deviations[i, :r, :r]
-        torch.mm(x.T, x, out=deviation)
-        deviation.diagonal().copy_(m.double().square().sum(0) - 1)
+        deviation.copy_(x.T @ x)
+        deviation.diagonal().copy_(x.square().sum(0) - 1)
     norms = torch.linalg.matrix_norm(deviations)
     return penalty_value(norms, form), deviations, norms
 

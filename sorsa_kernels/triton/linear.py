@@ -1,7 +1,7 @@
 """Triton backend of ``sorsa_linear``: the adapter linear at the cost of the frozen GEMM.
 
 Implements the backend interface documented in :mod:`sorsa_kernels.reference.linear` with three
-generic kernels, each launched through one function of this module:
+generic kernels and one for decode, each launched through one function of this module:
 
 * :func:`extended_matmul` ``c = a·b + t·tb + bias``: one GEMM whose K loop also runs over the
   rank-r tail, so the adapter's up-projection costs r more K steps of the frozen product and
@@ -14,6 +14,8 @@ generic kernels, each launched through one function of this module:
   z or g whose sum cancels keeps its accuracy up to the final rounding).
 * :func:`row_reduction` ``out = aᵀ·t ⊙ S`` reducing over the M rows, optionally also
   ``Σ_p out_raw ⊙ w`` into an ``[r]`` vector (how dS is obtained, see below).
+* :func:`few_rows_forward`, the no-grad forward of at most :data:`FEW_ROWS` rows in one launch:
+  programs that sum ``x Vtᵀ`` ahead of programs that multiply by the weight and then wait for it.
 
 The six products of one training step, with ``z`` and ``g`` kept scaled and rounded to x's dtype
 (every use of them rounds them so for the tensor cores; for 16-bit x that halves their memory)
@@ -300,6 +302,27 @@ def _split_choices(tiles: int, steps: int, device) -> list[int]:
 
 
 @triton.jit
+def _base_sum(acc, a_ptr, b_ptr, rows, cols, K, stride_am, stride_ak, stride_bk, stride_bn,
+              PRECISION: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """``acc + a[rows, :]·b[:, cols]``, the K loop of the pointer kernels in steps of BLOCK_K."""
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            in_k = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=in_k[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=in_k[:, None], other=0.0)
+        acc = _multiply_accumulate(acc, a, b, PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
 def _extended_matmul_kernel(
     a_ptr, b_ptr, t_ptr, tb_ptr, bias_ptr, c_ptr,
     M, N, K, RANK,
@@ -321,21 +344,8 @@ def _extended_matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
 
     if HAS_BASE:
-        offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
-            else:
-                in_k = offs_k < K - k * BLOCK_K
-                a = tl.load(a_ptrs, mask=in_k[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=in_k[:, None], other=0.0)
-            acc = _multiply_accumulate(acc, a, b, PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
-
+        acc = _base_sum(acc, a_ptr, b_ptr, rows, cols, K, stride_am, stride_ak, stride_bk, stride_bn, PRECISION, EVEN_K,
+                        BLOCK_K)  # fmt: skip
     acc = _rank_tail(acc, t_ptr, tb_ptr, rows, cols, RANK, stride_tm, stride_tr, stride_tbr, stride_tbn,
                      DTYPE, PRECISION, TAIL_K, TAIL_STAGES)  # fmt: skip
     if HAS_BIAS:
@@ -394,6 +404,8 @@ def _extended_matmul_tma_kernel(
             tl.store(c_ptrs, acc.to(DTYPE), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
 
+# The pointer kernel's row tiles reach this far ("few rows"); above, TMA tiles of 128 rows.
+FEW_ROWS = 64
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the pointer kernel by operand class.
 _POINTER_BLOCKS = {
     "many rows": [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4)],
@@ -402,8 +414,9 @@ _POINTER_BLOCKS = {
     "many rows, float32": [(128, 128, 32, 8, 3), (64, 128, 32, 4, 4)],
     "many rows, float32, unaligned": [(128, 64, 32, 8, 3), (64, 64, 32, 4, 3)],
     # Decode and other few-row shapes: the product is a read of b, spread over many column tiles.
-    "few rows": [(16, 64, 128, 4, 4), (16, 128, 64, 4, 3), (32, 64, 128, 4, 4), (64, 64, 128, 4, 3)],
-    "few rows, unaligned": [(16, 64, 128, 4, 4), (16, 128, 64, 4, 3), (32, 64, 64, 4, 3)],
+    "few rows": [(16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (16, 128, 64, 4, 3), (32, 64, 128, 4, 4),
+                 (64, 64, 128, 4, 3)],
+    "few rows, unaligned": [(16, 32, 128, 4, 4), (16, 128, 64, 4, 3), (32, 64, 64, 4, 3)],
     "few rows, float32": [(16, 64, 32, 4, 3), (16, 128, 32, 4, 3), (16, 32, 64, 4, 3)],
     "float64": [(32, 32, 8, 4, 1), (16, 32, 8, 4, 1)],
 }
@@ -445,14 +458,14 @@ def _matmul_candidates(rows: int, size: int, tma: bool, aligned: bool = True) ->
         if tma:
             return [_tma_config(*b) for b in _INTERPRETER_TMA_BLOCKS]
         return [Config.of(4, 2, BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)]
-    if tma and rows > 64:  # a TMA tile is 128 rows: decode shapes take the few-row pointer tiles
+    if tma and rows > FEW_ROWS:  # a TMA tile is 128 rows: decode shapes take the few-row pointer tiles
         return [_tma_config(*b) for b in TMA_BLOCKS]
     if size == 8:
         name = "float64"
-    elif size == 4 and rows <= 64:
+    elif size == 4 and rows <= FEW_ROWS:
         name = "few rows, float32"
     else:
-        name = ("few rows" if rows <= 64 else "many rows") + (", float32" if size == 4 else "")
+        name = ("few rows" if rows <= FEW_ROWS else "many rows") + (", float32" if size == 4 else "")
         name += "" if aligned else ", unaligned"
     # Any tile computes any shape (loads and stores are masked): where the filters leave none, the last.
     blocks = [
@@ -479,7 +492,7 @@ def _tma_layout(a, a_strides, b, b_strides, t, tb, out, out_strides):
     """``"[K, N]"`` or ``"[N, K]"``, how b suits the TMA kernel (stored as is, or transposed), or
     ``None`` when a, b, the tail or out do not suit it (then the pointer kernel runs). The tail
     suits it in a's dtype, t ``[M, r]`` as is and tb ``[r, N]`` stored as ``[N, r]``."""
-    if not HAS_TMA or b is None or out.shape[0] <= 64 or a.element_size() != 2 or b.dtype != a.dtype:
+    if not HAS_TMA or b is None or out.shape[0] <= FEW_ROWS or a.element_size() != 2 or b.dtype != a.dtype:
         return None
     if not (_tma_ready(a, a_strides) and _tma_ready(out, out_strides)):
         return None
@@ -493,10 +506,10 @@ def _tma_layout(a, a_strides, b, b_strides, t, tb, out, out_strides):
 
 
 def _tail_width(rank: int, block_k: int, size: int) -> int:
-    """Rank columns per tail step of the pointer kernel: a main-loop step's under operands of
-    ``size`` bytes of 4 and more, half of it under 16-bit ones (a whole one spills on sm_90 at
-    BLOCK_K = 128)."""
-    return min(_rank_pad(rank), block_k if size >= 4 else max(16, block_k // 2))
+    """Rank columns per tail step of the pointer kernels: a main-loop step's under operands of
+    ``size`` bytes of 4 and more, half of it under 16-bit ones, and at most 64 (a whole step
+    spilled on sm_90 at BLOCK_K = 128, 128 columns at BLOCK_K = 256)."""
+    return min(_rank_pad(rank), block_k if size >= 4 else max(16, block_k // 2), 64)
 
 
 def extended_matmul(a, b, t, tb, bias, out, config: Config | None = None):
@@ -687,26 +700,12 @@ def _stageable(streamed, skinny) -> bool:
 
 
 @triton.jit
-def _rank_down_kernel(
-    a_ptr, b_ptr, out_ptr,
-    M, K, RANK, scale_hi, scale_lo,
-    stride_am, stride_ak, stride_bk, stride_br, stride_om, stride_or,
-    SPLIT,  # runtime: one compiled kernel serves every split (1 is specialized, with plain stores)
-    stride_bpart,  # STAGED: from b's rounding to its residue
-    RANK_PAD: tl.constexpr, PRECISION: tl.constexpr, STAGED: tl.constexpr,
-    TILE: tl.constexpr, STEP: tl.constexpr,
-):  # fmt: skip
+def _down_sum(a_ptr, b_ptr, rows, ranks, k_start, k_end, RANK, stride_am, stride_ak, stride_bk, stride_br, stride_bpart,
+              PRECISION: tl.constexpr, STAGED: tl.constexpr, TILE: tl.constexpr, STEP: tl.constexpr,
+              RANK_PAD: tl.constexpr):  # fmt: skip
+    """``Σ_k a[rows, k]·b[k, ranks]`` over ``k_start ≤ k < k_end`` in steps of STEP, accumulated
+    in float32 (float64 for float64 a); b wider than a enters as its rounding plus the residue."""
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    # Program pid_k of SPLIT reduces one contiguous range of whole K blocks.
-    k_span = tl.cdiv(tl.cdiv(K, STEP), SPLIT) * STEP
-    k_start = pid_k * k_span
-    k_end = min(K, k_start + k_span)
-
-    offs_m = pid_m * TILE + tl.arange(0, TILE)
-    rows = (offs_m % M).to(tl.int64)
-    ranks = tl.arange(0, RANK_PAD)
     offs_k = k_start + tl.arange(0, STEP)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + ranks[None, :] * stride_br
@@ -726,7 +725,30 @@ def _rank_down_kernel(
             acc = _multiply_accumulate(acc, a, (b - b_high.to(b.dtype)).to(DTYPE), PRECISION)
         a_ptrs += STEP * stride_ak
         b_ptrs += STEP * stride_bk
+    return acc
 
+
+@triton.jit
+def _rank_down_kernel(
+    a_ptr, b_ptr, out_ptr,
+    M, K, RANK, scale_hi, scale_lo,
+    stride_am, stride_ak, stride_bk, stride_br, stride_om, stride_or,
+    SPLIT,  # runtime: one compiled kernel serves every split (1 is specialized, with plain stores)
+    stride_bpart,  # STAGED: from b's rounding to its residue
+    RANK_PAD: tl.constexpr, PRECISION: tl.constexpr, STAGED: tl.constexpr,
+    TILE: tl.constexpr, STEP: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    # Program pid_k of SPLIT reduces one contiguous range of whole K blocks.
+    k_span = tl.cdiv(tl.cdiv(K, STEP), SPLIT) * STEP
+    k_start = pid_k * k_span
+    k_end = min(K, k_start + k_span)
+
+    offs_m = pid_m * TILE + tl.arange(0, TILE)
+    ranks = tl.arange(0, RANK_PAD)
+    acc = _down_sum(a_ptr, b_ptr, (offs_m % M).to(tl.int64), ranks, k_start, k_end, RANK, stride_am, stride_ak,
+                    stride_bk, stride_br, stride_bpart, PRECISION, STAGED, TILE, STEP, RANK_PAD)  # fmt: skip
     acc *= _scale(scale_hi, scale_lo, acc.dtype)
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + ranks[None, :] * stride_or
     mask = (offs_m < M)[:, None] & (ranks < RANK)[None, :]
@@ -873,6 +895,176 @@ def rank_down_candidates(a, b) -> list[Config]:
 
 
 # ----------------------------------------------------------------------------------------------
+# few_rows_forward: the no-grad forward of at most FEW_ROWS rows (decode) in one launch
+
+# Rows of t per program of the rank-down part (tensor-core products need 16).
+_DOWN_ROWS = 16
+
+
+@triton.jit
+def _few_rows_forward_kernel(
+    x_ptr, w_ptr, vt_ptr, s_ptr, u_ptr, bias_ptr, t_ptr, sums_ptr, done_ptr, y_ptr,
+    M, N, K, RANK, scale_hi, scale_lo, DOWN_SPLIT,
+    SPLIT,  # runtime: programs sharing each tile's K loop (1 is specialized, without the sums)
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_vk, stride_vr, stride_un, stride_ur, stride_ym, stride_yn,
+    HAS_BASE: tl.constexpr, HAS_S: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, RANK_PAD: tl.constexpr, DOWN_ROWS: tl.constexpr, DOWN_STEP: tl.constexpr,
+    TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """``y = x Wᵀ + t Uᵀ + bias`` with ``t = scale·(x Vtᵀ) ⊙ S``. The first
+    ``cdiv(M, DOWN_ROWS)·DOWN_SPLIT`` programs each add one K range's part of t into the zeroed
+    float32 ``t [M, RANK]`` and count themselves in ``done[0]``; every later program computes a
+    tile of ``x Wᵀ`` (with SPLIT > 1, one K range of it, added into the zeroed float32
+    ``sums [M, N]``, the tile's last program to count itself in ``done[1 + tile]`` going on with
+    the whole), then waits for t's count before the rank tail. A program waits only on programs
+    of lower ids, which the GPU starts first, so the wait ends (as in single-pass scans); it is
+    normally over before it begins, the tile's main loop taking longer than the whole of t."""
+    pid = tl.program_id(0)
+    producers = tl.cdiv(M, DOWN_ROWS) * DOWN_SPLIT
+    ranks = tl.arange(0, RANK_PAD)
+    if pid < producers:
+        k_span = tl.cdiv(tl.cdiv(K, DOWN_STEP), DOWN_SPLIT) * DOWN_STEP
+        k_start = (pid % DOWN_SPLIT) * k_span
+        down_rows = (pid // DOWN_SPLIT) * DOWN_ROWS + tl.arange(0, DOWN_ROWS)
+        part = _down_sum(x_ptr, vt_ptr, (down_rows % M).to(tl.int64), ranks, k_start, min(K, k_start + k_span), RANK,
+                         stride_xm, stride_xk, stride_vk, stride_vr, 0, PRECISION, False, DOWN_ROWS, DOWN_STEP,
+                         RANK_PAD)  # fmt: skip
+        part *= _scale(scale_hi, scale_lo, part.dtype)
+        if HAS_S:
+            part *= tl.load(s_ptr + ranks, mask=ranks < RANK, other=0.0).to(part.dtype)[None, :]
+        mask = (down_rows < M)[:, None] & (ranks < RANK)[None, :]
+        tl.atomic_add(t_ptr + down_rows[:, None] * RANK + ranks[None, :], part, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds happen before the count that publishes them
+        tl.atomic_add(done_ptr, 1, sem="release")
+    else:
+        tile = (pid - producers) // SPLIT
+        pid_m, pid_n = _grouped_tile(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = (offs_m % M).to(tl.int64)
+        cols = (offs_n % N).to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if HAS_BASE:
+            k_span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
+            k_start = ((pid - producers) % SPLIT) * k_span
+            acc = _base_sum(acc, x_ptr + k_start * stride_xk, w_ptr + k_start * stride_wk, rows, cols,
+                            min(K - k_start, k_span), stride_xm, stride_xk, stride_wk, stride_wn, PRECISION, EVEN_K,
+                            BLOCK_K)  # fmt: skip
+        if SPLIT == 1:
+            _finish_tile(acc, done_ptr, producers, t_ptr, u_ptr, bias_ptr, y_ptr, offs_m, offs_n, rows, cols, M, N,
+                         RANK, stride_un, stride_ur, stride_ym, stride_yn, HAS_BIAS, PRECISION, TAIL_K,
+                         TAIL_STAGES)  # fmt: skip
+        else:
+            in_tile = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+            sums = sums_ptr + offs_m[:, None] * N + offs_n[None, :]
+            tl.atomic_add(sums, acc, mask=in_tile, sem="relaxed")
+            tl.debug_barrier()  # every thread's adds happen before the count that publishes them
+            if tl.atomic_add(done_ptr + 1 + tile, 1, sem="acq_rel") == SPLIT - 1:  # the tile's last part
+                acc = tl.load(sums, mask=in_tile, other=0.0, cache_modifier=".cg")
+                _finish_tile(acc, done_ptr, producers, t_ptr, u_ptr, bias_ptr, y_ptr, offs_m, offs_n, rows, cols, M,
+                             N, RANK, stride_un, stride_ur, stride_ym, stride_yn, HAS_BIAS, PRECISION, TAIL_K,
+                             TAIL_STAGES)  # fmt: skip
+
+
+@triton.jit
+def _finish_tile(acc, done_ptr, producers, t_ptr, u_ptr, bias_ptr, y_ptr, offs_m, offs_n, rows, cols, M, N, RANK,
+                 stride_un, stride_ur, stride_ym, stride_yn, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                 TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr):  # fmt: skip
+    """Once all of t is in (``done[0]`` counts ``producers``): y's tile of :func:`_few_rows_forward_kernel`."""
+    DTYPE: tl.constexpr = y_ptr.dtype.element_ty
+    while tl.atomic_add(done_ptr, 0, sem="acquire") < producers:
+        pass
+    acc = _rank_tail(acc, t_ptr, u_ptr, rows, cols, RANK, RANK, 1, stride_ur, stride_un, DTYPE, PRECISION, TAIL_K,
+                     TAIL_STAGES)  # fmt: skip
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(DTYPE), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+def few_rows_forward(x, weight, U, S, Vt, bias, scale, y, config: Config | None = None):
+    """``y = x·weightᵀ + (scale·x Vtᵀ ⊙ S)·Uᵀ + bias`` in one launch (after the zero fill of a
+    small float32 buffer) for x of at most :data:`FEW_ROWS` rows in a 16-bit dtype or
+    float32: the forward of decode, where separate launches for ``x Vtᵀ``, ``U ⊙ S`` and the
+    product cost more than the product itself. Arguments as the backend interface's (S and
+    bias contiguous), y ``[M, out]`` in x's dtype. ``config`` overrides the tuned choice (see
+    :func:`few_rows_candidates`)."""
+    tensors = (x, weight, U, S, Vt, bias, y)
+
+    def tuning_key():
+        return ("few", x.get_device(), x.dtype, U.dtype, _row_bucket(x.shape[0]), *U.shape, x.shape[1], weight is None,
+                _aligned(x, x.stride()))  # fmt: skip
+
+    _launch("few", tensors, lambda c: _few_rows_plan(*tensors, scale, c), tuning_key,
+            lambda: few_rows_candidates(x, weight, y), config, scale=scale)  # fmt: skip
+    return y
+
+
+def _down_split(steps: int, row_tiles: int, device) -> int:
+    """K ranges of the rank-down part: enough programs to read Vt at speed, each of four steps or
+    more, none when reductions must be deterministic (its float atomics are not)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return 1
+    if _triton_interpreted():  # tiny shapes: still several parts, which the tests need
+        return 2
+    return max(1, min(steps // 4, _multiprocessor_count(device) // (2 * row_tiles)))
+
+
+def _few_rows_plan(x, weight, U, S, Vt, bias, y, scale, config: Config):
+    """``plan(x, weight, U, S, Vt, bias, y)``: ``config``'s launch for tensors laid out as these."""
+    rows, inner = x.shape
+    cols, rank = U.shape
+    meta = config.kwargs
+    rank_pad = _rank_pad(rank)
+    down_step = 32 if rank_pad <= 128 else 16  # the [step, r] float32 operand and its roundings fit registers
+    row_tiles = _cdiv(rows, _DOWN_ROWS)
+    down_split = _down_split(_cdiv(inner, down_step), row_tiles, x.device)
+    tiles = _cdiv(rows, meta["BLOCK_M"]) * _cdiv(cols, meta["BLOCK_N"])
+    launch = KernelLaunch(
+        _few_rows_forward_kernel, (row_tiles * down_split + tiles * config.split,), HAS_BASE=weight is not None,
+        HAS_S=S is not None, HAS_BIAS=bias is not None, PRECISION=_dot_precision(x.dtype),
+        EVEN_K=inner % meta["BLOCK_K"] == 0, RANK_PAD=rank_pad, DOWN_ROWS=_DOWN_ROWS, DOWN_STEP=down_step,
+        TAIL_K=_tail_width(rank, meta["BLOCK_K"], x.element_size()), TAIL_STAGES=config.stages, **meta,
+    )  # fmt: skip
+    w_strides = weight.T.stride() if weight is not None else (0, 0)
+    scalars = (rows, cols, inner, rank, *_float32_pair(scale), down_split, config.split, *x.stride(), *w_strides,
+               *Vt.T.stride(), *U.stride(), *y.stride())  # fmt: skip
+    # One zero fill: t, the split product's sums, then the counts (zero bits read as the integer 0):
+    # of t's finished parts, and of each tile's.
+    sums_size = rows * cols if config.split > 1 else 0
+    counts = 1 + (tiles if config.split > 1 else 0)
+
+    def plan(x, weight, U, S, Vt, bias, y):
+        scratch = x.new_zeros(rows * rank + sums_size + counts, dtype=torch.float32)
+        t, sums = scratch[: rows * rank], scratch[rows * rank : rows * rank + sums_size]
+        done = scratch[rows * rank + sums_size :].view(torch.int32)
+        launch(x, weight if weight is not None else x, Vt, S, U, bias, t, sums if sums_size else t, done, y, *scalars)
+
+    return plan
+
+
+def few_rows_candidates(x, weight, y) -> list[Config]:
+    """The configurations :func:`few_rows_forward` chooses among: the pointer kernel's tiles, each
+    with the product's K loop split across programs where the tiles are too few to fill the GPU
+    (under the interpreter, always split: the tests cover the sums)."""
+    rows, inner = x.shape
+    aligned = _aligned(x, x.stride()) and (weight is None or _aligned(weight, weight.stride()))
+    configs = []
+    for config in _matmul_candidates(rows, y.element_size(), tma=False, aligned=aligned):
+        meta = config.kwargs
+        tiles = _cdiv(rows, meta["BLOCK_M"]) * _cdiv(y.shape[1], meta["BLOCK_N"])
+        if weight is None or torch.are_deterministic_algorithms_enabled():
+            splits = [1]
+        elif _triton_interpreted():
+            splits = [2]
+        else:
+            splits = _split_choices(tiles, _cdiv(inner, meta["BLOCK_K"]), x.device)
+        configs += [dataclasses.replace(config, split=split) for split in splits]
+    return configs
+
+
+# ----------------------------------------------------------------------------------------------
 # row_reduction: out[P, r] = Σ_m a[m, P]ᵀ (t[m, r]·scale) ⊙ S, red[r] = Σ_p (Σ_m ...)[p, r]·w[p, r]
 
 
@@ -977,7 +1169,8 @@ def row_reduction_candidates(a, t, reduction: bool = False) -> list[Config]:
 
 
 # Every kernel of the module (offline compilation captures their launches).
-KERNELS = (_extended_matmul_kernel, _extended_matmul_tma_kernel, _round_kernel, _rank_down_kernel, _row_reduction_kernel)
+KERNELS = (_extended_matmul_kernel, _extended_matmul_tma_kernel, _round_kernel, _rank_down_kernel, _row_reduction_kernel,
+           _few_rows_forward_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1012,6 +1205,18 @@ def forward(x, weight, U, S, Vt, bias, scale):
         tail = scaled_columns(U, _contiguous(S), x.dtype)
         extended_matmul(x, None if weight is None else weight.T, z, tail.T, _contiguous(bias), y)
     return y, z
+
+
+def infer(x, weight, U, S, Vt, bias, scale):
+    """The backend interface's forward without z: at most :data:`FEW_ROWS` rows (decode) in one
+    launch (:func:`few_rows_forward`), more as :func:`forward`."""
+    rows = x.shape[0]
+    if rows == 0 or rows > FEW_ROWS or x.dtype == torch.float64:
+        return forward(x, weight, U, S, Vt, bias, scale)[0]
+    y = x.new_empty((rows, U.shape[0]))
+    with on_device(x.device):
+        few_rows_forward(x, weight, U, _contiguous(S), Vt, _contiguous(bias), scale, y)
+    return y
 
 
 def backward(dy, x, z, weight, U, S, Vt, scale, needs):
