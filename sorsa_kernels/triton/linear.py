@@ -112,6 +112,15 @@ def _grouped_tile(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _split_range(length, part, SPLIT, STEP: tl.constexpr):
+    """``(start, end)`` of part ``part`` of SPLIT contiguous ranges of whole STEP blocks over
+    ``[0, length)`` (empty for parts past the end)."""
+    span = tl.cdiv(tl.cdiv(length, STEP), SPLIT) * STEP
+    start = part * span
+    return start, min(length, start + span)
+
+
+@triton.jit
 def _rank_tail(acc, t_ptr, tb_ptr, rows, cols, RANK, stride_tm, stride_tr, stride_tbr, stride_tbn,
                DTYPE: tl.constexpr, PRECISION: tl.constexpr, TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr):  # fmt: skip
     """``acc + (t[rows] → DTYPE) · (tb[:, cols] → DTYPE)``: the rank-r end of the K loop (rows
@@ -739,11 +748,8 @@ def _rank_down_kernel(
     TILE: tl.constexpr, STEP: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    # Program pid_k of SPLIT reduces one contiguous range of whole K blocks.
-    k_span = tl.cdiv(tl.cdiv(K, STEP), SPLIT) * STEP
-    k_start = pid_k * k_span
-    k_end = min(K, k_start + k_span)
+    # Program program_id(1) of SPLIT reduces one contiguous range of whole K blocks.
+    k_start, k_end = _split_range(K, tl.program_id(1), SPLIT, STEP)
 
     offs_m = pid_m * TILE + tl.arange(0, TILE)
     ranks = tl.arange(0, RANK_PAD)
@@ -924,10 +930,9 @@ def _few_rows_forward_kernel(
     producers = tl.cdiv(M, DOWN_ROWS) * DOWN_SPLIT
     ranks = tl.arange(0, RANK_PAD)
     if pid < producers:
-        k_span = tl.cdiv(tl.cdiv(K, DOWN_STEP), DOWN_SPLIT) * DOWN_STEP
-        k_start = (pid % DOWN_SPLIT) * k_span
+        k_start, k_end = _split_range(K, pid % DOWN_SPLIT, DOWN_SPLIT, DOWN_STEP)
         down_rows = (pid // DOWN_SPLIT) * DOWN_ROWS + tl.arange(0, DOWN_ROWS)
-        part = _down_sum(x_ptr, vt_ptr, (down_rows % M).to(tl.int64), ranks, k_start, min(K, k_start + k_span), RANK,
+        part = _down_sum(x_ptr, vt_ptr, (down_rows % M).to(tl.int64), ranks, k_start, k_end, RANK,
                          stride_xm, stride_xk, stride_vk, stride_vr, 0, PRECISION, False, DOWN_ROWS, DOWN_STEP,
                          RANK_PAD)  # fmt: skip
         part *= _scale(scale_hi, scale_lo, part.dtype)
@@ -946,10 +951,9 @@ def _few_rows_forward_kernel(
         cols = (offs_n % N).to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if HAS_BASE:
-            k_span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
-            k_start = ((pid - producers) % SPLIT) * k_span
+            k_start, k_end = _split_range(K, (pid - producers) % SPLIT, SPLIT, BLOCK_K)
             acc = _base_sum(acc, x_ptr + k_start * stride_xk, w_ptr + k_start * stride_wk, rows, cols,
-                            min(K - k_start, k_span), stride_xm, stride_xk, stride_wk, stride_wn, PRECISION, EVEN_K,
+                            k_end - k_start, stride_xm, stride_xk, stride_wk, stride_wn, PRECISION, EVEN_K,
                             BLOCK_K)  # fmt: skip
         if SPLIT == 1:
             _finish_tile(acc, done_ptr, producers, t_ptr, u_ptr, bias_ptr, y_ptr, offs_m, offs_n, rows, cols, M, N,
@@ -1080,11 +1084,8 @@ def _row_reduction_kernel(
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     ACC: tl.constexpr = out_ptr.dtype.element_ty
     pid_p = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    # Program pid_m of SPLIT reduces one contiguous range of whole row blocks.
-    m_span = tl.cdiv(tl.cdiv(M, STEP), SPLIT) * STEP
-    m_start = pid_m * m_span
-    m_end = min(M, m_start + m_span)
+    # Program program_id(1) of SPLIT reduces one contiguous range of whole row blocks.
+    m_start, m_end = _split_range(M, tl.program_id(1), SPLIT, STEP)
 
     offs_p = pid_p * TILE + tl.arange(0, TILE)
     cols = (offs_p % P).to(tl.int64)
