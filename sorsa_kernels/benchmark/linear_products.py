@@ -116,8 +116,10 @@ def compiled_variants(product: Product) -> list:
     skinny ones and the few-row forward), a split twin: a split is a runtime argument, but 1
     compiles its own binary (without atomics), and which splits are candidates depends on the
     GPU's SM count (on meta tensors: none)."""
-    splits = product.name == FEW_ROWS_PRODUCT or any("TILE" in c.kwargs for c in product.candidates)
-    twins = [dataclasses.replace(c, split=2) for c in product.candidates if splits and not c.tma and c.split == 1]
+    twins = [
+        dataclasses.replace(c, split=2) for c in product.candidates
+        if c.split == 1 and (product.name == FEW_ROWS_PRODUCT or "TILE" in c.kwargs)
+    ]  # fmt: skip
     return product.candidates + [t for t in twins if t not in product.candidates]
 
 

@@ -13,7 +13,8 @@ generic kernels and one for decode, each launched through one function of this m
   (``b`` wider than ``a`` enters as two roundings, high part and residue, so that an element of
   z or g whose sum cancels keeps its accuracy up to the final rounding).
 * :func:`row_reduction` ``out = aᵀ·t ⊙ S`` reducing over the M rows, optionally also
-  ``Σ_p out_raw ⊙ w`` into an ``[r]`` vector (how dS is obtained, see below).
+  ``Σ_p out_raw ⊙ w`` into an ``[r]`` vector (how dS is obtained, see below). For 16-bit
+  operands whose rows are 16-byte aligned its blocks may also arrive by TMA (the tuner picks).
 * :func:`few_rows_forward`, the no-grad forward of at most :data:`FEW_ROWS` rows in one launch:
   programs that sum ``x Vtᵀ`` ahead of programs that multiply by the weight and then wait for it.
 
@@ -804,18 +805,44 @@ _STAGED_FIRST_ELEMENTS = 1 << 24
 
 
 def _skinny_candidates(kernel, extent, length, rank_pad, size, skinny_size, device, aligned=True,
-                       epilogue_operand=False, stageable=False) -> list[Config]:  # fmt: skip
+                       epilogue_operand=False, stageable=False, tma=False) -> list[Config]:  # fmt: skip
     """Configs of a skinny kernel whose ``[tile, rank_pad]`` accumulator covers ``extent`` in
     tiles and loops over ``length`` in steps (split across programs where the tiles are few);
-    ``stageable``: each also staged (see :func:`_stage`), staged first on large passes."""
+    ``stageable``: each also staged (see :func:`_stage`), staged first on large passes; ``tma``:
+    the operands suit row_reduction's TMA kernel, whose configurations follow."""
     configs = _unstaged_skinny_candidates(kernel, extent, length, rank_pad, size, skinny_size, device, aligned,
                                           epilogue_operand)  # fmt: skip
-    if not stageable:
-        return configs
-    staged = [dataclasses.replace(c, staged=True) for c in configs]
-    # The staging launch costs about what a small pass saves (and host time): untuned, small
-    # passes keep the operand in registers.
-    return staged + configs if extent * length >= _STAGED_FIRST_ELEMENTS else configs + staged
+    if stageable:
+        staged = [dataclasses.replace(c, staged=True) for c in configs]
+        # The staging launch costs about what a small pass saves (and host time): untuned, small
+        # passes keep the operand in registers.
+        configs = staged + configs if extent * length >= _STAGED_FIRST_ELEMENTS else configs + staged
+    if tma:
+        configs += _tma_skinny_candidates(extent, length, rank_pad, device, epilogue_operand)
+    return configs
+
+
+# (tile, step, warps, stages) of the TMA row_reduction, pruned as the pointer ones. (A TMA
+# rank_down, b staged, lost to the pointer kernel at 4096 rows on an H100 and won by 5–7 % at
+# 16384: not kept.)
+_TMA_SKINNY_BLOCKS = [(256, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4)]
+_INTERPRETER_TMA_SKINNY_BLOCKS = [(32, 16, 4, 2)]
+
+
+def _tma_skinny_candidates(extent, length, rank_pad, device, epilogue_operand) -> list[Config]:
+    if _triton_interpreted():
+        split = 1 if torch.are_deterministic_algorithms_enabled() else 2  # covers the atomics
+        return [Config.of(w, s, split, tma=True, TILE=t, STEP=k) for t, k, w, s in _INTERPRETER_TMA_SKINNY_BLOCKS]
+    extent_pad = max(16, _next_power_of_2(extent))
+    configs = []
+    for tile, step, warps, stages in _TMA_SKINNY_BLOCKS:
+        if tile > max(64, extent_pad) or not _registers_fit(tile, step, rank_pad, warps, 2, epilogue_operand):
+            continue
+        if stages * 2 * step * (tile + rank_pad) > _SHARED_BYTES:
+            continue
+        splits = _split_choices(_cdiv(extent, tile), _cdiv(length, step), device)
+        configs += [Config.of(warps, stages, split, tma=True, TILE=tile, STEP=step) for split in reversed(splits)]
+    return configs
 
 
 def _unstaged_skinny_candidates(kernel, extent, length, rank_pad, size, skinny_size, device, aligned,
@@ -1100,7 +1127,38 @@ def _row_reduction_kernel(
         t = tl.load(t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr,
                     mask=in_rows[:, None] & in_rank[None, :], other=0.0)  # fmt: skip
         acc = _multiply_accumulate(acc, a_t, t.to(DTYPE), PRECISION)
+    _reduction_epilogue(acc, offs_p, P, RANK, s_ptr, w_ptr, out_ptr, red_ptr, stride_wp, stride_wr, stride_op, stride_or,
+                        SPLIT, RANK_PAD, HAS_S, HAS_REDUCTION)  # fmt: skip
 
+
+@triton.jit
+def _row_reduction_tma_kernel(
+    a_desc, t_desc, s_ptr, w_ptr, out_ptr, red_ptr,
+    M, P, RANK, stride_wp, stride_wr, stride_op, stride_or,
+    SPLIT,  # runtime, as in _row_reduction_kernel
+    RANK_PAD: tl.constexpr, HAS_S: tl.constexpr, HAS_REDUCTION: tl.constexpr, TILE: tl.constexpr, STEP: tl.constexpr,
+):  # fmt: skip
+    """:func:`_row_reduction_kernel` for a 16-bit ``a [M, P]`` and t ``[M, r]`` of its dtype, whose
+    ``[STEP, ·]`` row blocks arrive by TMA (reads out of range are zeros); a's block enters the
+    product transposed from shared memory."""
+    m_start, m_end = _split_range(M, tl.program_id(1), SPLIT, STEP)
+    off_p = tl.program_id(0) * TILE
+    acc = tl.zeros((TILE, RANK_PAD), dtype=tl.float32)
+    for m in range(m_start, m_end, STEP):
+        acc = tl.dot(a_desc.load([m, off_p]).T, t_desc.load([m, 0]), acc)
+    _reduction_epilogue(acc, off_p + tl.arange(0, TILE), P, RANK, s_ptr, w_ptr, out_ptr, red_ptr, stride_wp, stride_wr,
+                        stride_op, stride_or, SPLIT, RANK_PAD, HAS_S, HAS_REDUCTION)  # fmt: skip
+
+
+@triton.jit
+def _reduction_epilogue(acc, offs_p, P, RANK, s_ptr, w_ptr, out_ptr, red_ptr, stride_wp, stride_wr, stride_op, stride_or,
+                        SPLIT, RANK_PAD: tl.constexpr, HAS_S: tl.constexpr, HAS_REDUCTION: tl.constexpr):  # fmt: skip
+    """row_reduction's epilogue for columns ``offs_p``: ``red += Σ_p acc ⊙ w``, then ``acc ⊙ S``
+    stored (SPLIT = 1) or added to the zeroed output."""
+    ACC: tl.constexpr = out_ptr.dtype.element_ty
+    cols = (offs_p % P).to(tl.int64)
+    ranks = tl.arange(0, RANK_PAD)
+    in_rank = ranks < RANK
     in_cols = offs_p < P
     if HAS_REDUCTION:
         w = tl.load(w_ptr + cols[:, None] * stride_wp + ranks[None, :] * stride_wr,
@@ -1131,7 +1189,7 @@ def row_reduction(a, t, S, out, w=None, red=None, config: Config | None = None):
         rows, columns = a.shape
         a_strides = a.stride()
         return ("reduction", a.get_device(), a.dtype, t.dtype, _row_bucket(rows), columns, t.shape[1],
-                _aligned(a, a_strides), a_strides[1] == 1, w is None)  # fmt: skip
+                _aligned(a, a_strides), a_strides[1] == 1, w is None, _reduction_tma_ready(a, t))  # fmt: skip
 
     _launch("reduction", tensors, lambda c: _row_reduction_plan(*tensors, c), tuning_key,
             lambda: row_reduction_candidates(a, t, w is not None), config, None if red is None else red.zero_)  # fmt: skip
@@ -1143,20 +1201,37 @@ def _row_reduction_plan(a, t, S, w, out, red, config: Config):
     rows, columns = a.shape
     rank = t.shape[1]
     meta = config.kwargs
-    launch = KernelLaunch(
-        _row_reduction_kernel, (_cdiv(columns, meta["TILE"]), config.split), RANK_PAD=_rank_pad(rank),
-        HAS_S=S is not None, HAS_REDUCTION=w is not None, PRECISION=_dot_precision(a.dtype), **meta,
-    )  # fmt: skip
-    scalars = (rows, columns, rank, *a.stride(), *t.stride(), *(w.stride() if w is not None else (0, 0)), *out.stride(),
-               config.split)  # fmt: skip
+    grid = (_cdiv(columns, meta["TILE"]), config.split)
+    constants = dict(RANK_PAD=_rank_pad(rank), HAS_S=S is not None, HAS_REDUCTION=w is not None, **meta)
+    w_strides = w.stride() if w is not None else (0, 0)
     split = config.split > 1
+    if config.tma:
+        kernel = KernelLaunch(_row_reduction_tma_kernel, grid, **constants)
+        a_box = ([rows, columns], [a.stride(0), 1], [meta["STEP"], meta["TILE"]])
+        t_box = ([rows, rank], [t.stride(0), 1], [meta["STEP"], constants["RANK_PAD"]])
+        scalars = (rows, columns, rank, *w_strides, *out.stride(), config.split)
+
+        def launch(a, t, S, w, out, red):
+            kernel(PlannedDescriptor(a, *a_box), PlannedDescriptor(t, *t_box), S, w, out, red, *scalars)
+    else:
+        kernel = KernelLaunch(_row_reduction_kernel, grid, PRECISION=_dot_precision(a.dtype), **constants)
+        scalars = (rows, columns, rank, *a.stride(), *t.stride(), *w_strides, *out.stride(), config.split)
+
+        def launch(a, t, S, w, out, red):
+            kernel(a, t, S, w, out, red, *scalars)
 
     def plan(a, t, S, w, out, red):
         if split:
             out.zero_()
-        launch(a, t, S, w, out, red, *scalars)
+        launch(a, t, S, w, out, red)
 
     return plan
+
+
+def _reduction_tma_ready(a, t) -> bool:
+    """Whether row_reduction's operands suit its TMA kernel: a 16-bit, t of its dtype, both TMA
+    operands as they lie."""
+    return HAS_TMA and a.element_size() == 2 and t.dtype == a.dtype and _tma_ready(a, a.stride()) and _tma_ready(t, t.stride())
 
 
 def row_reduction_candidates(a, t, reduction: bool = False) -> list[Config]:
@@ -1165,13 +1240,13 @@ def row_reduction_candidates(a, t, reduction: bool = False) -> list[Config]:
     rows, columns = a.shape
     return _skinny_candidates(
         "row_reduction", columns, rows, _rank_pad(t.shape[1]), a.element_size(), t.element_size(), a.device,
-        _aligned(a, a.stride()), reduction,
+        _aligned(a, a.stride()), reduction, tma=_reduction_tma_ready(a, t),
     )  # fmt: skip
 
 
 # Every kernel of the module (offline compilation captures their launches).
 KERNELS = (_extended_matmul_kernel, _extended_matmul_tma_kernel, _round_kernel, _rank_down_kernel, _row_reduction_kernel,
-           _few_rows_forward_kernel)
+           _row_reduction_tma_kernel, _few_rows_forward_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
