@@ -64,20 +64,26 @@ def render_linear_training(path: Path, data: dict) -> str:
     body = []
     for r in rows:
         target = 1.05 * r["floor"]
-        verdict = "✓" if r["ours_ratio"] <= target else "✗"
+
+        def judged(value):
+            return "–" if value is None else f"{ratio(value)} {'✓' if value <= target else '✗'}"
+
         if r.get("extra_peak_mb") is None:
             extra = "–"
         else:
             net = r["extra_peak_mb"] - r["adapter_grads_mb"]
             fits = "✓" if net <= r["extra_peak_budget_mb"] + ALLOCATOR_SLACK_MB else "✗"
             extra = f"{r['extra_peak_mb']:.1f} ({net:.1f}) / {r['extra_peak_budget_mb']:.1f} {fits}"
+        graphed = f"{r['dense_graph_ms']:.3f}" if "dense_graph_ms" in r else "–"
         body.append([
-            str(r["tokens"]), shape(r), str(r["rank"]), f"{r['dense_ms']:.3f}",
-            f"{r['ours_ms']:.3f} ({ratio(r['ours_ratio'])})", f"{target:.3f}× {verdict}",
-            ratio(r.get("peft_lora_ratio")), ratio(r.get("naive_ratio")), ratio(r.get("reference_ratio")), extra,
+            str(r["tokens"]), shape(r), str(r["rank"]), f"{target:.3f}×", f"{r['dense_ms']:.3f}", judged(r["ours_ratio"]),
+            ratio(r.get("peft_lora_ratio")), ratio(r.get("naive_ratio")), ratio(r.get("reference_ratio")), graphed,
+            judged(r.get("ours_graph_ratio")), ratio(r.get("peft_lora_graph_ratio")), ratio(r.get("naive_graph_ratio")),
+            extra,
         ])
-    header = ["M", "in→out", "r", "dense ms", "ours ms (ratio)", "target 1.05·floor", "PEFT LoRA", "naive",
-              "reference SORSA", "extra peak MB (less adapter grads) / budget"]
+    header = ["M", "in→out", "r", "target 1.05·floor", "dense ms", "ours", "PEFT LoRA", "naive", "reference SORSA",
+              "dense ms (graph)", "ours (graph)", "PEFT LoRA (graph)", "naive (graph)",
+              "extra peak MB (less adapter grads) / budget"]
     return provenance(path, data) + "\n\n" + markdown_table(header, body)
 
 

@@ -96,8 +96,13 @@ def _inputs(tokens, in_features, out_features, rank, device):
     return x, weight, U, S, Vt, dy
 
 
+# Training steps also replayed from CUDA graphs: the device's time alone, without the host's.
+GRAPHED_PEERS = ("dense", "ours", "peft_lora", "naive")
+
+
 def measure_training(tokens, in_features, out_features, rank, device) -> dict:
-    """Forward+backward times (ms), ratios to dense, and peak memory of ours vs dense."""
+    """Forward+backward times (ms), ratios to dense, and peak memory of ours vs dense; on a GPU
+    also the steps replayed from CUDA graphs (device time, without the host's launch costs)."""
     x, weight, U, S, Vt, dy = _inputs(tokens, in_features, out_features, rank, device)
     scale = 2.0
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -119,6 +124,15 @@ def measure_training(tokens, in_features, out_features, rank, device) -> dict:
             row[f"{name}_ms"] = median_ms(step)
         row["dense_peak_mb"] = peak_memory_mb(steps["dense"])
         row["ours_peak_mb"] = peak_memory_mb(steps["ours"])
+    if device.type == "cuda":
+        # Without the autocast cache, a graph casts the adapters on each replay, as an eager step does once.
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
+            for name in GRAPHED_PEERS:
+                if name in steps:
+                    row[f"{name}_graph_ms"] = median_ms(_graphed(steps[name]))
+        for name in GRAPHED_PEERS:
+            if f"{name}_graph_ms" in row:
+                row[f"{name}_graph_ratio"] = row[f"{name}_graph_ms"] / row["dense_graph_ms"]
     for name in candidates:
         row[f"{name}_ratio"] = row[f"{name}_ms"] / row["dense_ms"]
     row["floor"] = training_floor(in_features, out_features, rank)
@@ -132,7 +146,8 @@ def measure_training(tokens, in_features, out_features, rank, device) -> dict:
 
 def _graphed(fn: Callable[[], object]) -> Callable[[], None]:
     """``fn`` captured in a CUDA graph (after warm-up runs, which also pick launch configurations):
-    each replay is one launch, so its time is the device's alone, as in a serving engine's decode."""
+    each replay is one launch, so its time is the device's alone, as in a serving engine's decode
+    (or a training step captured whole)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -185,7 +200,8 @@ def run(quick: bool, tokens=GPU_TOKENS, shapes=GPU_SHAPES, ranks=GPU_RANKS, deco
 
 
 TRAINING_COLUMNS = ["tokens", "in_features", "out_features", "rank", "dense_ms", "ours_ratio", "floor",
-                    "peft_lora_ratio", "naive_ratio", "reference_ratio", "extra_peak_mb", "extra_peak_budget_mb"]
+                    "peft_lora_ratio", "naive_ratio", "reference_ratio", "ours_graph_ratio", "peft_lora_graph_ratio",
+                    "naive_graph_ratio", "extra_peak_mb", "extra_peak_budget_mb"]
 INFERENCE_COLUMNS = ["tokens", "in_features", "out_features", "rank", "dense_ms", "ours_ratio", "dense_graph_ms",
                      "ours_graph_ratio", "floor"]
 
