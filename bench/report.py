@@ -50,6 +50,11 @@ def ratio(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}×"
 
 
+def judged(value: float | None, target: float) -> str:
+    """The ratio with ✓ where it meets ``target``, ✗ where not."""
+    return "–" if value is None else f"{ratio(value)} {'✓' if value <= target else '✗'}"
+
+
 def shape(row: dict) -> str:
     return f"{row['in_features']}→{row['out_features']}"
 
@@ -64,10 +69,6 @@ def render_linear_training(path: Path, data: dict) -> str:
     body = []
     for r in rows:
         target = 1.05 * r["floor"]
-
-        def judged(value):
-            return "–" if value is None else f"{ratio(value)} {'✓' if value <= target else '✗'}"
-
         if r.get("extra_peak_mb") is None:
             extra = "–"
         else:
@@ -76,10 +77,10 @@ def render_linear_training(path: Path, data: dict) -> str:
             extra = f"{r['extra_peak_mb']:.1f} ({net:.1f}) / {r['extra_peak_budget_mb']:.1f} {fits}"
         graphed = f"{r['dense_graph_ms']:.3f}" if "dense_graph_ms" in r else "–"
         body.append([
-            str(r["tokens"]), shape(r), str(r["rank"]), f"{target:.3f}×", f"{r['dense_ms']:.3f}", judged(r["ours_ratio"]),
-            ratio(r.get("peft_lora_ratio")), ratio(r.get("naive_ratio")), ratio(r.get("reference_ratio")), graphed,
-            judged(r.get("ours_graph_ratio")), ratio(r.get("peft_lora_graph_ratio")), ratio(r.get("naive_graph_ratio")),
-            extra,
+            str(r["tokens"]), shape(r), str(r["rank"]), f"{target:.3f}×", f"{r['dense_ms']:.3f}",
+            judged(r["ours_ratio"], target), ratio(r.get("peft_lora_ratio")), ratio(r.get("naive_ratio")),
+            ratio(r.get("reference_ratio")), graphed, judged(r.get("ours_graph_ratio"), target),
+            ratio(r.get("peft_lora_graph_ratio")), ratio(r.get("naive_graph_ratio")), extra,
         ])
     header = ["M", "in→out", "r", "target 1.05·floor", "dense ms", "ours", "PEFT LoRA", "naive", "reference SORSA",
               "dense ms (graph)", "ours (graph)", "PEFT LoRA (graph)", "naive (graph)",
@@ -93,13 +94,10 @@ def render_linear_inference(path: Path, data: dict) -> str:
     for r in rows:
         decode = r["tokens"] <= 64
         target = 1.2 if decode else 1.05 * r["floor"]
-
-        def judged(value):
-            return "–" if value is None else f"{ratio(value)} {'✓' if value <= target else '✗'}"
-
         graphed = [f"{r['dense_graph_ms'] * 1000:.1f}", f"{r['ours_graph_ms'] * 1000:.1f}"] if "ours_graph_ms" in r else ["–"] * 2
         body.append([str(r["tokens"]), shape(r), str(r["rank"]), f"{target:.3f}×", f"{r['dense_ms'] * 1000:.1f}",
-                     f"{r['ours_ms'] * 1000:.1f}", judged(r["ours_ratio"]), *graphed, judged(r.get("ours_graph_ratio"))])
+                     f"{r['ours_ms'] * 1000:.1f}", judged(r["ours_ratio"], target), *graphed,
+                     judged(r.get("ours_graph_ratio"), target)])
     header = ["M", "in→out", "r", "target", "dense µs", "ours µs", "ratio", "dense µs (graph)", "ours µs (graph)",
               "ratio (graph)"]
     return provenance(path, data) + "\n\n" + markdown_table(header, body)

@@ -831,41 +831,48 @@ _INTERPRETER_TMA_SKINNY_BLOCKS = [(32, 16, 4, 2)]
 
 def _tma_skinny_candidates(extent, length, rank_pad, device, epilogue_operand) -> list[Config]:
     if _triton_interpreted():
-        split = 1 if torch.are_deterministic_algorithms_enabled() else 2  # covers the atomics
-        return [Config.of(w, s, split, tma=True, TILE=t, STEP=k) for t, k, w, s in _INTERPRETER_TMA_SKINNY_BLOCKS]
+        return _interpreter_skinny_configs(_INTERPRETER_TMA_SKINNY_BLOCKS, tma=True)
     extent_pad = max(16, _next_power_of_2(extent))
-    configs = []
-    for tile, step, warps, stages in _TMA_SKINNY_BLOCKS:
-        if tile > max(64, extent_pad) or not _registers_fit(tile, step, rank_pad, warps, 2, epilogue_operand):
-            continue
-        if stages * 2 * step * (tile + rank_pad) > _SHARED_BYTES:
-            continue
-        splits = _split_choices(_cdiv(extent, tile), _cdiv(length, step), device)
-        configs += [Config.of(warps, stages, split, tma=True, TILE=tile, STEP=step) for split in reversed(splits)]
-    return configs
+    blocks = [block for block in _TMA_SKINNY_BLOCKS if block[0] <= max(64, extent_pad)]  # TMA zero-fills edge tiles
+    return _fitting_skinny_configs(blocks, extent, length, rank_pad, 2, 2, device, epilogue_operand, tma=True)
 
 
 def _unstaged_skinny_candidates(kernel, extent, length, rank_pad, size, skinny_size, device, aligned,
                                 epilogue_operand) -> list[Config]:  # fmt: skip
     if _triton_interpreted():
-        split = 1 if torch.are_deterministic_algorithms_enabled() else 2  # covers the atomics
-        return [Config.of(w, s, split, TILE=t, STEP=k) for t, k, w, s in _INTERPRETER_SKINNY_BLOCKS]
+        return _interpreter_skinny_configs(_INTERPRETER_SKINNY_BLOCKS)
     name = {2: "16-bit" if aligned else "16-bit, unaligned", 4: "float32", 8: "float64"}[size]
-    configs = []
     extent_pad = max(16, _next_power_of_2(extent))
-    for tile, step, warps, stages in _SKINNY_BLOCKS[kernel][name]:
-        if tile > extent_pad or (size == 2 and tile < min(64, extent_pad)):  # small 16-bit tiles: small extents
-            continue
+    # Small 16-bit tiles serve small extents only.
+    blocks = [
+        block for block in _SKINNY_BLOCKS[kernel][name]
+        if block[0] <= extent_pad and not (size == 2 and block[0] < min(64, extent_pad))
+    ]  # fmt: skip
+    configs = _fitting_skinny_configs(blocks, extent, length, rank_pad, size, skinny_size, device, epilogue_operand)
+    if not configs:  # wide ranks of float32: every tile spills; the smallest is slow but right
+        tile, step, warps, stages = _SKINNY_BLOCKS[kernel][name][-1]
+        configs = [Config.of(warps, 1, 1, TILE=tile, STEP=step)]
+    # Untuned (SORSA_KERNELS_AUTOTUNE=0) the first wins: one that fills the GPU.
+    return configs
+
+
+def _interpreter_skinny_configs(blocks, **flags) -> list[Config]:
+    split = 1 if torch.are_deterministic_algorithms_enabled() else 2  # covers the atomics
+    return [Config.of(w, s, split, TILE=t, STEP=k, **flags) for t, k, w, s in blocks]
+
+
+def _fitting_skinny_configs(blocks, extent, length, rank_pad, size, skinny_size, device, epilogue_operand,
+                            **flags) -> list[Config]:  # fmt: skip
+    """The (tile, step, warps, stages) ``blocks`` of a skinny kernel whose accumulator fits the
+    registers and whose pipelined operands fit shared memory, each with its splits."""
+    configs = []
+    for tile, step, warps, stages in blocks:
         if not _registers_fit(tile, step, rank_pad, warps, size, epilogue_operand):
             continue
         if stages * (tile * step * size + step * rank_pad * skinny_size) > _SHARED_BYTES:
             continue
         splits = [1] if size == 8 else _split_choices(_cdiv(extent, tile), _cdiv(length, step), device)
-        configs += [Config.of(warps, stages, split, TILE=tile, STEP=step) for split in reversed(splits)]
-    if not configs:  # wide ranks of float32: every tile spills; the smallest is slow but right
-        tile, step, warps, stages = _SKINNY_BLOCKS[kernel][name][-1]
-        configs = [Config.of(warps, 1, 1, TILE=tile, STEP=step)]
-    # Untuned (SORSA_KERNELS_AUTOTUNE=0) the first wins: one that fills the GPU.
+        configs += [Config.of(warps, stages, split, TILE=tile, STEP=step, **flags) for split in reversed(splits)]
     return configs
 
 
@@ -1127,8 +1134,8 @@ def _row_reduction_kernel(
         t = tl.load(t_ptr + rows[:, None] * stride_tm + ranks[None, :] * stride_tr,
                     mask=in_rows[:, None] & in_rank[None, :], other=0.0)  # fmt: skip
         acc = _multiply_accumulate(acc, a_t, t.to(DTYPE), PRECISION)
-    _reduction_epilogue(acc, offs_p, P, RANK, s_ptr, w_ptr, out_ptr, red_ptr, stride_wp, stride_wr, stride_op, stride_or,
-                        SPLIT, RANK_PAD, HAS_S, HAS_REDUCTION)  # fmt: skip
+    _reduction_epilogue(acc, offs_p, P, RANK, s_ptr, w_ptr, out_ptr, red_ptr, stride_wp, stride_wr, stride_op,
+                        stride_or, SPLIT, RANK_PAD, HAS_S, HAS_REDUCTION)  # fmt: skip
 
 
 @triton.jit
@@ -1151,8 +1158,9 @@ def _row_reduction_tma_kernel(
 
 
 @triton.jit
-def _reduction_epilogue(acc, offs_p, P, RANK, s_ptr, w_ptr, out_ptr, red_ptr, stride_wp, stride_wr, stride_op, stride_or,
-                        SPLIT, RANK_PAD: tl.constexpr, HAS_S: tl.constexpr, HAS_REDUCTION: tl.constexpr):  # fmt: skip
+def _reduction_epilogue(acc, offs_p, P, RANK, s_ptr, w_ptr, out_ptr, red_ptr, stride_wp, stride_wr, stride_op,
+                        stride_or, SPLIT, RANK_PAD: tl.constexpr, HAS_S: tl.constexpr,
+                        HAS_REDUCTION: tl.constexpr):  # fmt: skip
     """row_reduction's epilogue for columns ``offs_p``: ``red += Σ_p acc ⊙ w``, then ``acc ⊙ S``
     stored (SPLIT = 1) or added to the zeroed output."""
     ACC: tl.constexpr = out_ptr.dtype.element_ty
@@ -1231,7 +1239,9 @@ def _row_reduction_plan(a, t, S, w, out, red, config: Config):
 def _reduction_tma_ready(a, t) -> bool:
     """Whether row_reduction's operands suit its TMA kernel: a 16-bit, t of its dtype, both TMA
     operands as they lie."""
-    return HAS_TMA and a.element_size() == 2 and t.dtype == a.dtype and _tma_ready(a, a.stride()) and _tma_ready(t, t.stride())
+    if not HAS_TMA or a.element_size() != 2 or t.dtype != a.dtype:
+        return False
+    return _tma_ready(a, a.stride()) and _tma_ready(t, t.stride())
 
 
 def row_reduction_candidates(a, t, reduction: bool = False) -> list[Config]:
@@ -1245,8 +1255,8 @@ def row_reduction_candidates(a, t, reduction: bool = False) -> list[Config]:
 
 
 # Every kernel of the module (offline compilation captures their launches).
-KERNELS = (_extended_matmul_kernel, _extended_matmul_tma_kernel, _round_kernel, _rank_down_kernel, _row_reduction_kernel,
-           _row_reduction_tma_kernel, _few_rows_forward_kernel)
+KERNELS = (_extended_matmul_kernel, _extended_matmul_tma_kernel, _round_kernel, _rank_down_kernel,
+           _row_reduction_kernel, _row_reduction_tma_kernel, _few_rows_forward_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
