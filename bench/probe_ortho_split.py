@@ -16,6 +16,8 @@ from sorsa_kernels.benchmark.common import median_ms
 from sorsa_kernels.benchmark.ortho import LLAMA2_7B, LLAMA3_8B, adapter_set
 from sorsa_kernels.triton import ortho as T
 
+two_launch_step = T.two_launch_step
+
 
 def phases(plan, grads):
     """(gram launch, accumulate launch) closures over one workspace."""
@@ -56,18 +58,24 @@ def main():
         step = functools.partial(ortho_reg_grad_, Us, Vts, 0.1, "official")
         base = T.default_configs(T.F32_SPLIT16.value, max(16, rank), 4)[0]
         C = functools.partial(dataclasses.replace, base)
+        fused_configs = []
         if rank == 128:
-            gram_configs = [C(), C(num_stages=3), C(num_stages=4), C(gram_rows=32, num_stages=4)]
-            narrow = {"gradient_rows": 64, "block_n": 64, "num_warps": 4}
+            G = functools.partial(dataclasses.replace, T.default_configs(T.F32_SPLIT16.value, 128, 4, "forward")[0])
+            A = functools.partial(dataclasses.replace, T.default_configs(T.F32_SPLIT16.value, 128, 4, "accumulate")[0])
+            gram_configs = [G(), G(num_stages=4), G(gram_rows=32, num_stages=4), G(gram_rows=32, num_stages=6),
+                            G(num_warps=16)]
             accumulate_configs = [
-                C(),
-                C(**narrow, programs_per_sm=2),
-                C(**narrow, programs_per_sm=2, output_stages=2),
-                C(**narrow, num_stages=3, programs_per_sm=2),
-                C(gradient_rows=64, block_n=32, num_warps=4, num_stages=3, output_stages=3),
-                C(block_n=64, output_stages=2),
-                C(gradient_rows=32, num_warps=4, programs_per_sm=2),
+                A(),
+                A(num_stages=3),
+                A(output_stages=2),
+                A(block_n=128, num_warps=8, programs_per_sm=1),
+                A(gradient_rows=128, block_n=128, num_warps=8, programs_per_sm=1),
+                A(gradient_rows=32),
+                A(gradient_rows=32, block_n=128),
+                A(gradient_rows=16, block_n=128),
             ]
+            # The step as one launch (both kinds of items) under the accumulate and the Gram shapes.
+            fused_configs = [A(), G(gradient_rows=64, block_n=64)]
         else:
             gram_configs = [C(), C(programs_per_sm=3), C(programs_per_sm=4), C(gram_rows=128), C(num_warps=8)]
             accumulate_configs = [
@@ -80,15 +88,18 @@ def main():
         rows = []
         for round_ in range(2):
             rows.append((f"ortho_reg_grad_ (the default step) #{round_}", median_ms(step)))
-            for phase, fn, configs in (("gram", gram, gram_configs), ("accumulate", accumulate, accumulate_configs)):
+            for phase, fn, configs in (("gram", gram, gram_configs), ("accumulate", accumulate, accumulate_configs),
+                                       ("fused", step, fused_configs)):
                 for config in configs:
                     T.override = config
+                    T.two_launch_step = two_launch_step if phase != "fused" else lambda *args: False
                     try:
                         ms = median_ms(fn)
                     except OutOfResources as error:
                         ms = float("nan")
                         print(phase, config, type(error).__name__, str(error)[:100])
                     T.override = None
+                    T.two_launch_step = two_launch_step
                     label = (
                         f"{phase} g{config.gram_rows} d{config.gradient_rows} n{config.block_n} gb{config.gram_block} "
                         f"w{config.num_warps} s{config.num_stages} pps{config.programs_per_sm} "

@@ -59,9 +59,10 @@ Precision
     matrix is a 16-bit product accumulated in float32; the gradient takes the float16 pairs of
     the factor (one part for most values) and of ``D``. float64: IEEE
     float64 products. In every precision each tile's product starts from zero (tensor cores
-    round a chained float32 accumulation toward zero) and the diagonal of ``G`` comes from
-    float64 squares on CUDA cores, so ``D`` of near-orthonormal factors, where ``G − I`` cancels
-    all but the last digits of ``G``, keeps the accuracy of its own size (see :func:`_gram_rows`).
+    round a chained float32 accumulation toward zero) and the diagonal of ``G − I`` comes from
+    sums of ``x² − 1/L`` on CUDA cores, finished in float64, so ``D`` of near-orthonormal
+    factors, where ``G − I`` cancels all but the last digits of ``G``, keeps the accuracy of its
+    own size (see :func:`_gram_rows`).
 
 Determinism
     Under ``torch.use_deterministic_algorithms(True)`` no matrix is cut into several Gram items
@@ -158,7 +159,10 @@ def _split_fp16(x):
     stay normal for every element that matters and keep about 22 significant bits. (The shift
     is capped at ±62 so that both the scale and the product's ``inverse²`` are normal float32;
     only tiles beyond 2^76 or below 2^-48 hit the cap.)"""
-    largest = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    # One reduction over the flattened tile: each thread's elements first, then one value per
+    # thread across lanes and warps (axis by axis, every thread's row of partial maxima went
+    # through the shuffles).
+    largest = tl.max(tl.abs(x))
     exponent = (largest.to(tl.int32, bitcast=True) >> 23) & 0xFF
     shift = tl.minimum(tl.maximum(141 - exponent, -62), 62)
     scaled = x * ((shift + 127) << 23).to(tl.float32, bitcast=True)
@@ -208,17 +212,21 @@ def _gram_product(zero, xa, xb, PRECISION: tl.constexpr, SAME: tl.constexpr):
 
 
 @triton.jit
-def _gram_rows(acc, squares, ptr, stride_l, stride_r, row_start, row_end, rank, cols_a, cols_b,
+def _gram_rows(acc, squares, ptr, stride_l, stride_r, row_start, row_end, rank, cols_a, cols_b, inverse_length,
                BLOCK_L: tl.constexpr, PRECISION: tl.constexpr, SAME: tl.constexpr, VECTOR: tl.constexpr):
-    """``acc += X[rows, cols_a]ᵀ X[rows, cols_b]`` and, with ``SAME``, ``squares += Σ_rows X[rows, cols_a]²``
-    in float64, one tile of rows at a time.
+    """``acc += X[rows, cols_a]ᵀ X[rows, cols_b]`` and, with ``SAME``, ``squares += X[rows, cols_a]² −
+    inverse_length`` elementwise (a tile of partial sums, reduced once by the caller), one tile of
+    rows at a time.
 
     Tensor cores round their float32 accumulation toward zero: chained over a long sum, that bias
     grows with every k step, and ``G − I`` of near-orthonormal factors cancels all but the last
     digits of G's diagonal (chained over 11008 rows, gradients came out up to 2.4e-3 off float64
     on an H100; error proportional to the rows summed per accumulator). So each tile's
     product starts from zero and is added in round-to-nearest, and the diagonal is recomputed on
-    CUDA cores from exact float64 squares (see :func:`_gram_sum`)."""
+    CUDA cores (see :func:`_gram_sum`): each element of ``squares`` adds one ``x² − 1/L`` per
+    tile in round-to-nearest, and for a unit column those sums stay near zero (no cancellation
+    when the item's share of I is settled). (Float64 squares reduced across the tile in every
+    step took a quarter of the Gram launch's time on an H100.)"""
     # A zero the compiler cannot prove zero: it would fold ``acc + dot(a, b, 0)`` into
     # ``dot(a, b, acc)``, chaining the accumulation again.
     fresh = tl.full(acc.shape, row_end.to(tl.float32) * 0.0, acc.dtype)
@@ -227,8 +235,8 @@ def _gram_rows(acc, squares, ptr, stride_l, stride_r, row_start, row_end, rank, 
         xa = _load_tile(ptr, rows, cols_a, stride_l, stride_r, row_end, rank, VECTOR)
         if SAME:
             acc += _gram_product(fresh, xa, xa, PRECISION, True)
-            xd = xa.to(tl.float64)
-            squares += tl.sum(xd * xd, axis=0)
+            xs = xa.to(squares.dtype)
+            squares += xs * xs - inverse_length
         else:
             xb = _load_tile(ptr, rows, cols_b, stride_l, stride_r, row_end, rank, VECTOR)
             acc += _gram_product(fresh, xa, xb, PRECISION, False)
@@ -243,27 +251,37 @@ def _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DT
     :func:`_gram_product`), less ``(rows / L)·I`` on a diagonal block, so that the shares of a
     matrix sum to ``G − I`` and every partial sum stays as small as ``D`` (no cancellation)."""
     acc = tl.zeros((BLOCK, BLOCK), ACC_DTYPE)
-    squares = tl.zeros((BLOCK,), tl.float64)
+    squares = tl.zeros((BLOCK_L, BLOCK), ACC_DTYPE)
+    length = tl.load(entry + MAT_LENGTH)
+    # 1/L cut to 12 significant bits: x² less that is exact for the dyadic entries of exactly
+    # orthonormal factors (signed permutations, Hadamard blocks), whose D so comes out exactly 0.
+    inverse_length = (1.0 / length.to(tl.float32)).to(tl.int32, bitcast=True) & -2048
+    inverse_length = inverse_length.to(tl.float32, bitcast=True).to(ACC_DTYPE)
     # One loop per layout, so that the compiler knows the contiguous dimension (stride 1) and,
     # when aligned, the other stride's divisibility (loaded in its branch, so the hint stays true).
     if kind == ROW_MAJOR:
         stride_l = tl.load(entry + MAT_STRIDE_L)
         if ALIGNED:
             stride_l = tl.multiple_of(stride_l, VEC)
-        acc, squares = _gram_rows(acc, squares, ptr, stride_l, 1, row_start, row_end, rank, cols_a, cols_b, BLOCK_L,
-                                  PRECISION, SAME, ALIGNED)
+        acc, squares = _gram_rows(acc, squares, ptr, stride_l, 1, row_start, row_end, rank, cols_a, cols_b,
+                                  inverse_length, BLOCK_L, PRECISION, SAME, ALIGNED)
     elif kind == COL_MAJOR:
         stride_r = tl.load(entry + MAT_STRIDE_R)
         if ALIGNED:
             stride_r = tl.multiple_of(stride_r, VEC)
-        acc, squares = _gram_rows(acc, squares, ptr, 1, stride_r, row_start, row_end, rank, cols_a, cols_b, BLOCK_L,
-                                  PRECISION, SAME, ALIGNED)
+        acc, squares = _gram_rows(acc, squares, ptr, 1, stride_r, row_start, row_end, rank, cols_a, cols_b,
+                                  inverse_length, BLOCK_L, PRECISION, SAME, ALIGNED)
     else:
         acc, squares = _gram_rows(acc, squares, ptr, tl.load(entry + MAT_STRIDE_L), tl.load(entry + MAT_STRIDE_R),
-                                  row_start, row_end, rank, cols_a, cols_b, BLOCK_L, PRECISION, SAME, False)
+                                  row_start, row_end, rank, cols_a, cols_b, inverse_length, BLOCK_L, PRECISION,
+                                  SAME, False)
     if SAME:
-        share = (row_end - row_start).to(tl.float64) / tl.load(entry + MAT_LENGTH).to(tl.float64)
-        diagonal = (squares - share).to(ACC_DTYPE)
+        # Every slot of every tile took ``inverse_length`` off, the masked rows' zeros too: that
+        # is given back and the item's share of I, ``rows / L``, taken off in float64.
+        rows = row_end - row_start
+        taken = tl.cdiv(rows, BLOCK_L).to(tl.float64) * BLOCK_L * inverse_length.to(tl.float64)
+        diagonal = tl.sum(squares.to(tl.float64), axis=0) + taken - rows.to(tl.float64) / length.to(tl.float64)
+        diagonal = diagonal.to(ACC_DTYPE)
         acc = tl.where(cols_a[:, None] == cols_b[None, :], diagonal[None, :], acc)
     return acc
 
@@ -619,10 +637,10 @@ def two_launch_step(precision: int, block_r: int) -> bool:
     one: where the two kinds of items want different programs. Float32 pairs at Gram width 128
     on an H100: the Gram items run fastest as one 8-warp program per SM, the gradient items as
     two 4-warp programs with narrower tiles, and a fused launch gives both the Gram items'
-    shape (its one register allocation, 255 registers, serves both). Llama-2-7B set: 1.05 ms
-    + 1.68 ms against 3.0 ms fused (Llama-3-8B 1.10 + 1.77 against 3.17 ms). At r = 16 the
-    fused launch was faster in the same runs (0.30 ms at best against 0.14 + 0.21 ms; raw:
-    bench/results/ortho-split-probe-*.txt)."""
+    shape (its one register allocation, 255 registers, serves both). Llama-2-7B set: 0.73 ms
+    + 1.70 ms against 3.48–3.63 ms fused (Llama-3-8B 0.76 + 1.81 against 3.65–3.80 ms). At r = 16
+    the fused launch was faster in three of four measurements (0.273–0.285 ms, once 0.388 ms,
+    against 0.111–0.115 + 0.200–0.211 ms; raw: bench/results/ortho-split-probe-*.txt)."""
     return precision == F32_SPLIT16.value and block_r == MAX_GRAM_BLOCK
 
 
@@ -653,10 +671,12 @@ def default_configs(precision: int, block_r: int, itemsize: int, mode: str = "st
             return fallbacks
         # Float32 pairs take the step as two launches (two_launch_step), each with its own
         # programs. H100, Llama-2-7B set: the Gram launch in 64-row tiles three stages deep at one
-        # 8-warp program per SM, 1.05 ms (1.17 ms two stages deep); the gradients added into
-        # .grad by two 4-warp programs per SM on 64×64 tiles, 1.68 ms, against 1.97 ms for
-        # 128×128 tiles at one 8-warp program, 1.84 ms for 32×128 tiles, and 2.8 ms where a
-        # second stage or prefetched .grad tiles leave room for one program per SM.
+        # 8-warp program per SM, 0.73 ms (the same four stages deep, 0.84–0.85 ms in 32-row tiles
+        # four or six deep, 1.77 ms at 16 warps); the gradients added into .grad by two 4-warp
+        # programs per SM on 64×64 tiles, 1.69–1.71 ms, against 1.74 ms for 32×128 tiles, 1.85 ms
+        # for 32×64, 1.97 ms for 16×128, 1.91 ms for 128×128 tiles at one 8-warp program, 2.43 ms
+        # for 64×128 at 8 warps, and 2.53–2.62 ms where a third stage or prefetched .grad tiles
+        # leave room for one program per SM.
         if mode == "forward":
             return [Config(64, 128, block_r, chunk, 1.0, 8, 3)] + fallbacks
         return [Config(64, 64, 64, chunk, 1.0, 4, 2, programs_per_sm=2)] + fallbacks
