@@ -45,6 +45,11 @@ def phases(plan, grads):
     return gram, accumulate
 
 
+def varied(rank: int, mode: str):
+    """``dataclasses.replace`` bound to the default float32 configuration of a launch mode."""
+    return functools.partial(dataclasses.replace, T.default_configs(T.F32_SPLIT16.value, rank, 4, mode)[0])
+
+
 def main():
     sets = [("llama2 r=128", LLAMA2_7B, 128), ("llama3 r=128", LLAMA3_8B, 128)]
     if "--r16" in sys.argv:
@@ -56,12 +61,9 @@ def main():
         plan = T.prepare(Us, Vts)
         gram, accumulate = phases(plan, grads)
         step = functools.partial(ortho_reg_grad_, Us, Vts, 0.1, "official")
-        base = T.default_configs(T.F32_SPLIT16.value, max(16, rank), 4)[0]
-        C = functools.partial(dataclasses.replace, base)
         fused_configs = []
         if rank == 128:
-            G = functools.partial(dataclasses.replace, T.default_configs(T.F32_SPLIT16.value, 128, 4, "forward")[0])
-            A = functools.partial(dataclasses.replace, T.default_configs(T.F32_SPLIT16.value, 128, 4, "accumulate")[0])
+            G, A = varied(rank, "forward"), varied(rank, "accumulate")
             gram_configs = [G(), G(num_stages=4), G(gram_rows=32, num_stages=4), G(gram_rows=32, num_stages=6),
                             G(num_warps=16)]
             accumulate_configs = [
@@ -77,6 +79,7 @@ def main():
             # The step as one launch (both kinds of items) under the accumulate and the Gram shapes.
             fused_configs = [A(), G(gradient_rows=64, block_n=64)]
         else:
+            C = varied(rank, "step")
             gram_configs = [C(), C(programs_per_sm=3), C(programs_per_sm=4), C(gram_rows=128), C(num_warps=8)]
             accumulate_configs = [
                 C(),
