@@ -1,8 +1,12 @@
-"""Where the Gram launch of the ortho step spends its time: the Llama-2-7B adapter set at
-r = 128 (float32), its Gram launch timed as shipped and with parts of its tile loop taken out
-(each variant in its own process, patched before the first compile), and its gradient launch;
+"""Where the two launches of the ortho step spend their time: the Llama-2-7B adapter set at
+r = 128 (float32), its Gram and gradient launches timed as shipped and with parts of their tile
+loops taken out or changed (each variant in its own process, patched before the first compile);
 ``--once`` runs each launch once after a warm-up (for ncu). ``python bench/probe_ortho_gram.py
-[variant | --once]`` on a GPU; variants: shipped, tf32, no_squares, one_product, loads_only."""
+[variant | --once]`` on a GPU; variants: shipped, tf32; of the Gram loop no_squares, one_product,
+loads_only, fixed_scale (every tile split at one fixed scale, without its largest magnitude); of
+the gradient product gradient_tile_scale (each factor tile split by its own largest magnitude, as
+before the matrices' scales came from the Gram launch), gradient_one_product, gradient_no_product
+(loads and stores only)."""
 
 import sys
 
@@ -53,7 +57,35 @@ def _rows_loads_only(acc, squares, ptr, stride_l, stride_r, row_start, row_end, 
     return acc, squares
 
 
+@triton.jit
+def _split_fixed_scale(x):
+    scaled = x * 1024.0
+    hi = scaled.to(tl.float16)
+    return hi, (scaled - hi.to(tl.float32)).to(tl.float16), 1.0 / 1024.0
+
+
+@triton.jit
+def _product_tile_scale(zero, x, x_scale, x_inverse, d_hi, d_lo, d_inverse, PRECISION: tl.constexpr):
+    x_hi, x_lo, x_inverse = T._split_fp16(x.to(tl.float32))
+    product = tl.dot(x_lo, d_hi, zero)
+    product = tl.dot(x_hi, d_lo, product)
+    return tl.dot(x_hi, d_hi, product) * (x_inverse * d_inverse)
+
+
+@triton.jit
+def _product_one(zero, x, x_scale, x_inverse, d_hi, d_lo, d_inverse, PRECISION: tl.constexpr):
+    return tl.dot((x.to(tl.float32) * x_scale).to(tl.float16), d_hi, zero) * (x_inverse * d_inverse)
+
+
+@triton.jit
+def _product_none(zero, x, x_scale, x_inverse, d_hi, d_lo, d_inverse, PRECISION: tl.constexpr):
+    return zero + tl.sum(x.to(tl.float32), axis=1)[:, None]
+
+
 VARIANTS = {"no_squares": _rows_without_squares, "one_product": _rows_one_product, "loads_only": _rows_loads_only}
+SPLIT_VARIANTS = {"fixed_scale": _split_fixed_scale}
+GRADIENT_VARIANTS = {"gradient_tile_scale": _product_tile_scale, "gradient_one_product": _product_one,
+                     "gradient_no_product": _product_none}
 
 
 def main():
@@ -62,6 +94,10 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
     elif variant in VARIANTS:
         T._gram_rows = VARIANTS[variant]
+    elif variant in SPLIT_VARIANTS:
+        T._split_fp16 = SPLIT_VARIANTS[variant]
+    elif variant in GRADIENT_VARIANTS:
+        T._product = GRADIENT_VARIANTS[variant]
     Us, Vts = adapter_set(LLAMA2_7B, 32, 128, "cuda")
     gram, accumulate = phases(T.prepare(Us, Vts), [p.grad for p in Us + Vts])
     gram()
@@ -75,7 +111,7 @@ def main():
     gigabytes = sum(p.nbytes for p in Us + Vts) / 1e9
     gram_ms = median_ms(gram)
     accumulate_ms = median_ms(accumulate)
-    print(f"{variant:12s} gram {gram_ms:.3f} ms ({gigabytes / gram_ms:.2f} TB/s of factors)   "
+    print(f"{variant:22s} gram {gram_ms:.3f} ms ({gigabytes / gram_ms:.2f} TB/s of factors)   "
           f"accumulate {accumulate_ms:.3f} ms ({3 * gigabytes / accumulate_ms:.2f} TB/s)")
 
 

@@ -21,14 +21,14 @@ two_launch_step = T.two_launch_step
 
 def phases(plan, grads):
     """(gram launch, accumulate launch) closures over one workspace."""
-    deviations, norms, counters = plan.workspace()
+    saved, counters = plan.workspace()
     value = torch.empty((), dtype=plan.gram_dtype, device=plan.device)
     tables = plan.output_tables(grads)
 
     def gram():
         counters.zero_()
         for group in plan.groups:
-            T._run(plan, group, "forward", plan.per_call(group, counters, deviations, norms, None, official=1))
+            T._run(plan, group, "forward", plan.per_call(group, counters, saved, None, official=1))
 
     def accumulate():
         counters.zero_()
@@ -38,7 +38,7 @@ def phases(plan, grads):
                 group,
                 "accumulate",
                 plan.per_call(
-                    group, counters, deviations, norms, value, official=1, outs=table, out_aligned=aligned, coeff=0.1
+                    group, counters, saved, value, official=1, outs=table, out_aligned=aligned, coeff=0.1
                 ),
             )
 

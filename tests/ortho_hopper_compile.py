@@ -27,8 +27,8 @@ from sorsa_kernels.triton import ortho  # noqa: E402
 
 H100_SHARED_BYTES = 232448
 ALIGNED_POINTERS = [["tt.divisibility", 16]]
-POINTERS = {"mats": "*i64", "outs": "*i64", "work": "*i32", "queue": "*i32", "arrivals": "*i32", "deviations": "*fp32",
-            "norms": "*fp32", "value": "*fp32", "scale": "*fp32"}
+POINTERS = {"mats": "*i64", "outs": "*i64", "work": "*i32", "queue": "*i32", "arrivals": "*i32", "inverses": "*i32",
+            "deviations": "*fp32", "norms": "*fp32", "value": "*fp32", "scale": "*fp32"}
 FLOATS = {"coeff_hi": "fp32", "coeff_lo": "fp32"}
 INT64 = {"out_base": "i64"}
 

@@ -102,21 +102,42 @@ def test_differentiable_matches_float64(backend, form, shapes, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("magnitude", ["tiny", "huge", "columns-1e-3-to-1e3"])
+@pytest.mark.parametrize("magnitude", ["tiny", "huge", "columns-1e-3-to-1e3", "rows-1e-3-to-1e3"])
 def test_float32_at_extreme_magnitudes(backend, magnitude):
-    """float32 factors far from unit size, and columns of very different sizes: the float16 pairs
-    of the GPU path are scaled per tile, so neither part overflows nor loses its bits."""
+    """float32 factors far from unit size, and columns or rows of very different sizes: the
+    float16 pairs of the GPU path are scaled per tile (Gram products) or per matrix (gradient
+    products), so neither part overflows nor loses the bits that matter."""
     Us, Vts = make(MIXED, torch.float32)
     with torch.no_grad():
         for i, p in enumerate(Us + Vts):
+            is_vt = i >= len(Us)
             if magnitude == "tiny":
                 p.mul_(1e-12)
             elif magnitude == "huge":
                 p.mul_(1e6)  # the squared form of 1e12 would overflow float32 itself
-            else:  # every column of the tall matrix (U's columns, Vt's rows) its own size
-                is_vt = i >= len(Us)
+            elif magnitude.startswith("columns"):  # every column of the tall matrix (U's columns, Vt's rows)
                 sizes = torch.logspace(-3, 3, p.shape[0 if is_vt else 1], device=p.device)
                 p.mul_(sizes[:, None] if is_vt else sizes[None, :])
+            else:  # every row of the tall matrix, so that its tiles differ too
+                sizes = torch.logspace(-3, 3, p.shape[1 if is_vt else 0], device=p.device)
+                p.mul_(sizes[None, :] if is_vt else sizes[:, None])
+    for form in FORMS:
+        with poisoned_allocations():
+            value = ortho_reg(Us, Vts, form, backend=backend)
+            grads = torch.autograd.grad(value, Us + Vts)
+        check(value, grads, Us, Vts, form, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("exponent", [-9, -8, 5, 6])
+def test_float32_largest_magnitude_at_the_split_scale_edges(backend, exponent):
+    """Factors whose largest magnitude is just below 2^exponent, at the edges of the range where
+    the GPU path splits the gradient's float16 pairs at a constant scale (2^-8 up to 2^5): the
+    scale must neither overflow float16 above it nor lose bits below it."""
+    Us, Vts = make(MIXED, torch.float32)
+    with torch.no_grad():
+        for p in Us + Vts:
+            p.mul_(2.0**exponent * (1 - 2.0**-12) / p.abs().max())
     for form in FORMS:
         with poisoned_allocations():
             value = ortho_reg(Us, Vts, form, backend=backend)

@@ -318,13 +318,13 @@ def host_cost(factors: int = 448, calls: int = 200) -> list[dict]:
             plan = ops_ortho._factor_set(Us, Vts, "official")[2].plans["triton"]
             grads = [p.grad for p in Us + Vts]
             group = plan.groups[0]
-            deviations, norms, counters = plan.workspace()
+            saved, counters = plan.workspace()
             value = torch.empty((), device=plan.device)
 
             table = plan.output_tables(grads)[0][0]
 
             def run_step():
-                triton_ortho._run(plan, group, "step", plan.per_call(group, counters, deviations, norms, value, official=1,
+                triton_ortho._run(plan, group, "step", plan.per_call(group, counters, saved, value, official=1,
                                                                      outs=table, coeff=COEFF))
 
             stages = [

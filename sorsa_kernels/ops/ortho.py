@@ -121,23 +121,24 @@ def _factor_set(Us, Vts, form) -> tuple[list, list, _FactorSet]:
 
 
 class OrthoRegFunction(torch.autograd.Function):
-    """Differentiable regularizer whose backward reuses the forward's deviations ``G − I`` and norms."""
+    """Differentiable regularizer whose backward reuses what the backend's forward saved (the
+    deviations ``G − I`` and norms)."""
 
     @staticmethod
     def forward(ctx, form, backend, factor_set, num_Us, *factors):
         Us, Vts = factors[:num_Us], factors[num_Us:]
         plan = factor_set.plan(backend, Us, Vts)
-        value, deviations, norms = implementation("ortho_reg", backend).forward(plan, Us, Vts, form)
-        ctx.save_for_backward(deviations, norms, *factors)
-        ctx.form, ctx.backend, ctx.plan, ctx.num_Us = form, backend, plan, num_Us
+        value, saved = implementation("ortho_reg", backend).forward(plan, Us, Vts, form)
+        ctx.save_for_backward(*saved, *factors)
+        ctx.form, ctx.backend, ctx.plan, ctx.num_Us, ctx.num_saved = form, backend, plan, num_Us, len(saved)
         return value
 
     @staticmethod
     def backward(ctx, grad_value):
-        deviations, norms, *factors = ctx.saved_tensors
+        saved, factors = ctx.saved_tensors[: ctx.num_saved], ctx.saved_tensors[ctx.num_saved :]
         k = ctx.num_Us
         grads = implementation("ortho_reg", ctx.backend).backward(
-            ctx.plan, factors[:k], factors[k:], deviations, norms, ctx.form, grad_value, ctx.needs_input_grad[4:]
+            ctx.plan, factors[:k], factors[k:], saved, ctx.form, grad_value, ctx.needs_input_grad[4:]
         )
         return (None, None, None, None, *grads)
 

@@ -23,14 +23,15 @@ long dimension whose float32 rounding reached 1e-5 of ``D``), then rounded.
     parameter tensors and hands it back only while each keeps its storage (so device-side
     pointer tables stay valid).
 
-``forward(plan, Us, Vts, form) -> (value, deviations, norms)``
-    The penalty's value (0-dim), every ``D_i`` zero-padded to a common width ``W >= max r_i``
-    of the backend's choice (``[n, W, W]``) and every ``‖D_i‖_F`` (``[n]``).
+``forward(plan, Us, Vts, form) -> (value, saved)``
+    The penalty's value (0-dim) and a tuple of tensors for ``backward`` to reuse. Here
+    ``(deviations, norms)``: every ``D_i`` zero-padded to a common width ``W >= max r_i``
+    (``[n, W, W]``) and every ``‖D_i‖_F`` (``[n]``); a backend may keep more (or else).
 
-``backward(plan, Us, Vts, deviations, norms, form, scale, wanted) -> list``
+``backward(plan, Us, Vts, saved, form, scale, wanted) -> list``
     ``scale·∂P/∂factor`` for every factor whose entry of ``wanted`` is true (None for the others),
-    shaped like the factor, in its dtype; ``scale`` is a 0-dim tensor on the device,
-    ``deviations`` and ``norms`` come from :func:`forward` for these factors.
+    shaped like the factor, in its dtype; ``scale`` is a 0-dim tensor on the device, ``saved``
+    comes from :func:`forward` for these factors.
 
 ``step_(plan, Us, Vts, form, coeff, outs) -> value``
     Adds ``coeff·∂P/∂factor`` (``coeff`` a Python float) into ``outs[i]`` for every factor ``i``
@@ -86,7 +87,7 @@ def forward(plan, Us, Vts, form):
         deviation.copy_(x.T @ x)
         deviation.diagonal().copy_(x.square().sum(0) - 1)
     norms = torch.linalg.matrix_norm(deviations)
-    return penalty_value(norms, form), deviations, norms
+    return penalty_value(norms, form), (deviations, norms)
 
 
 def _gradients(mats, deviations, norms, form, scale, wanted):
@@ -102,8 +103,9 @@ def _gradients(mats, deviations, norms, form, scale, wanted):
     return grads
 
 
-def backward(plan, Us, Vts, deviations, norms, form, scale, wanted):
+def backward(plan, Us, Vts, saved, form, scale, wanted):
     mats = factor_matrices(Us, Vts)
+    deviations, norms = saved
     grads = _gradients(mats, deviations, norms, form, scale, wanted)
     return [None if g is None else (g if i < len(Us) else g.T).to(m.dtype)
             for i, (g, m) in enumerate(zip(grads, mats))]
@@ -111,7 +113,7 @@ def backward(plan, Us, Vts, deviations, norms, form, scale, wanted):
 
 def step_(plan, Us, Vts, form, coeff, outs):
     mats = factor_matrices(Us, Vts)
-    value, deviations, norms = forward(plan, Us, Vts, form)
+    value, (deviations, norms) = forward(plan, Us, Vts, form)
     grads = _gradients(mats, deviations, norms, form, coeff, [True] * len(mats))
     for out, grad in zip(factor_matrices(outs[: len(Us)], outs[len(Us) :]), grads):
         out += grad.to(out.dtype)

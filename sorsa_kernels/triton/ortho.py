@@ -49,16 +49,17 @@ Precision
     float32 factors run as float16 pairs unless torch allows TF32 matmuls
     (``torch.backends.cuda.matmul.allow_tf32``): each tile is scaled by a power of two that
     puts its largest magnitude at the top of float16's range and split into a float16 high part
-    and the float16 remainder (:func:`_split_fp16`); the products ``hi·hi + hi·lo + lo·hi``
-    keep about 22 bits (relative error near 3e-7 on an H100, inside the 1e-5 contract) at
-    float16's tensor-core rate, twice TF32's (3xTF32, the same split in TF32 parts, took 14 %
-    longer per step at the same tiles on an H100, at 4–5e-7). For the Gram matrix the two cross terms are
-    transposes of each other, so ``hiᵀhi + 2·hiᵀlo`` is accumulated and symmetrized once: two
-    tensor-core products per tile instead of three. With TF32 allowed, one TF32 product per
-    tile (relative error near 1e-3, like torch's TF32 matmuls). 16-bit factors: the Gram
-    matrix is a 16-bit product accumulated in float32; the gradient takes the float16 pairs of
-    the factor (one part for most values) and of ``D``. float64: IEEE
-    float64 products. In every precision each tile's product starts from zero (tensor cores
+    and the float16 remainder (:func:`_split_fp16`; a gradient tile takes the scale of its
+    matrix's largest magnitude, which the Gram items record, see :func:`_gradient_rows`); the
+    products ``hi·hi + hi·lo + lo·hi`` keep about 22 bits (relative error near 3e-7 on an H100,
+    inside the 1e-5 contract) at float16's tensor-core rate, twice TF32's (3xTF32, the same split
+    in TF32 parts, took 14 % longer per step at the same tiles on an H100, at 4–5e-7). For the
+    Gram matrix the two cross terms are transposes of each other, so ``hiᵀhi + 2·hiᵀlo`` is
+    accumulated and symmetrized once: two tensor-core products per tile instead of three. With
+    TF32 allowed, one TF32 product per tile (relative error near 1e-3, like torch's TF32
+    matmuls). 16-bit factors: the Gram matrix is a 16-bit product accumulated in float32; the
+    gradient takes the float16 pairs of the factor (one part for most values) and of ``D``.
+    float64: IEEE float64 products. In every precision each tile's product starts from zero (tensor cores
     round a chained float32 accumulation toward zero) and the diagonal of ``G − I`` comes from
     sums of ``x² − 1/L`` on CUDA cores, finished in float64, so ``D`` of near-orthonormal
     factors, where ``G − I`` cancels all but the last digits of ``G``, keeps the accuracy of its
@@ -153,22 +154,35 @@ MAX_GRAM_BLOCK = 128
 
 
 @triton.jit
+def _fp16_scaling(largest):
+    """``(scale, inverse)``: powers of two, ``scale`` putting ``largest`` in [2^14, 2^15), the top
+    of float16's range, so that the parts of :func:`_split_fp16_scaled` stay normal for every
+    element that matters and keep about 22 significant bits. (The shift is capped at ±62 so that
+    both the scale and a product's ``inverse²`` are normal float32; only magnitudes beyond 2^76
+    or below 2^-48 hit the cap.)"""
+    exponent = (largest.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    shift = tl.minimum(tl.maximum(141 - exponent, -62), 62)
+    return ((shift + 127) << 23).to(tl.float32, bitcast=True), ((127 - shift) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _split_fp16_scaled(x, scale):
+    """``x·scale = hi + lo`` with ``hi``, ``lo`` float16."""
+    scaled = x * scale
+    hi = scaled.to(tl.float16)
+    lo = (scaled - hi.to(tl.float32)).to(tl.float16)
+    return hi, lo
+
+
+@triton.jit
 def _split_fp16(x):
-    """``x = (hi + lo)·inverse`` with ``hi``, ``lo`` float16 and ``inverse`` a power of two that
-    puts the tile's largest magnitude in [2^14, 2^15), the top of float16's range: both parts
-    stay normal for every element that matters and keep about 22 significant bits. (The shift
-    is capped at ±62 so that both the scale and the product's ``inverse²`` are normal float32;
-    only tiles beyond 2^76 or below 2^-48 hit the cap.)"""
+    """``x = (hi + lo)·inverse``, scaled by the tile's largest magnitude (see :func:`_fp16_scaling`)."""
     # One reduction over the flattened tile: each thread's elements first, then one value per
     # thread across lanes and warps (axis by axis, every thread's row of partial maxima went
     # through the shuffles).
-    largest = tl.max(tl.abs(x))
-    exponent = (largest.to(tl.int32, bitcast=True) >> 23) & 0xFF
-    shift = tl.minimum(tl.maximum(141 - exponent, -62), 62)
-    scaled = x * ((shift + 127) << 23).to(tl.float32, bitcast=True)
-    hi = scaled.to(tl.float16)
-    lo = (scaled - hi.to(tl.float32)).to(tl.float16)
-    return hi, lo, ((127 - shift) << 23).to(tl.float32, bitcast=True)
+    scale, inverse = _fp16_scaling(tl.max(tl.abs(x)))
+    hi, lo = _split_fp16_scaled(x, scale)
+    return hi, lo, inverse
 
 
 @triton.jit
@@ -190,33 +204,38 @@ def _load_tile(ptr, rows, cols, stride_l, stride_r, row_end, rank, VECTOR: tl.co
 
 @triton.jit
 def _gram_product(zero, xa, xb, PRECISION: tl.constexpr, SAME: tl.constexpr):
-    """``xaᵀ xb``, its tensor-core products chained from ``zero``; with ``SAME`` (xa is xb) the
-    split products are right only once symmetrized."""
+    """``(xaᵀ xb, inverse)``: the product, its tensor-core products chained from ``zero`` (with
+    ``SAME``, xa is xb, the split products are right only once symmetrized), and for float32
+    pairs the larger of the two tiles' split inverses (see :func:`_split_fp16`)."""
+    inverse = 0.0
     if PRECISION == F32_SPLIT16:
-        a_hi, a_lo, a_inverse = _split_fp16(xa)
+        a_hi, a_lo, inverse = _split_fp16(xa)
         if SAME:
             product = tl.dot(tl.trans(a_hi), a_lo * 2.0, zero)
-            product = tl.dot(tl.trans(a_hi), a_hi, product) * (a_inverse * a_inverse)
+            product = tl.dot(tl.trans(a_hi), a_hi, product) * (inverse * inverse)
         else:
             b_hi, b_lo, b_inverse = _split_fp16(xb)
             product = tl.dot(tl.trans(a_lo), b_hi, zero)
             product = tl.dot(tl.trans(a_hi), b_lo, product)
-            product = tl.dot(tl.trans(a_hi), b_hi, product) * (a_inverse * b_inverse)
+            product = tl.dot(tl.trans(a_hi), b_hi, product) * (inverse * b_inverse)
+            inverse = tl.maximum(inverse, b_inverse)
     elif PRECISION == F32_TF32:
         product = tl.dot(tl.trans(xa), xb, zero, input_precision="tf32")
     elif PRECISION == F64:
         product = tl.dot(tl.trans(xa), xb, zero, input_precision="ieee", out_dtype=tl.float64)
     else:
         product = tl.dot(tl.trans(xa), xb, zero)
-    return product
+    return product, inverse
 
 
 @triton.jit
-def _gram_rows(acc, squares, ptr, stride_l, stride_r, row_start, row_end, rank, cols_a, cols_b, inverse_length,
-               BLOCK_L: tl.constexpr, PRECISION: tl.constexpr, SAME: tl.constexpr, VECTOR: tl.constexpr):
+def _gram_rows(acc, squares, peaks, ptr, stride_l, stride_r, row_start, row_end, rank, cols_a, cols_b,
+               inverse_length, BLOCK_L: tl.constexpr, PRECISION: tl.constexpr, SAME: tl.constexpr,
+               VECTOR: tl.constexpr):
     """``acc += X[rows, cols_a]ᵀ X[rows, cols_b]`` and, with ``SAME``, ``squares += X[rows, cols_a]² −
     inverse_length`` elementwise (a tile of partial sums, reduced once by the caller), one tile of
-    rows at a time.
+    rows at a time; ``peaks`` keeps what :func:`_gram_sum` needs for the rows' largest magnitude
+    (see :func:`_track_peaks`).
 
     Tensor cores round their float32 accumulation toward zero: chained over a long sum, that bias
     grows with every k step, and ``G − I`` of near-orthonormal factors cancels all but the last
@@ -234,24 +253,46 @@ def _gram_rows(acc, squares, ptr, stride_l, stride_r, row_start, row_end, rank, 
         rows = start + tl.arange(0, BLOCK_L)
         xa = _load_tile(ptr, rows, cols_a, stride_l, stride_r, row_end, rank, VECTOR)
         if SAME:
-            acc += _gram_product(fresh, xa, xa, PRECISION, True)
+            product, inverse = _gram_product(fresh, xa, xa, PRECISION, True)
             xs = xa.to(squares.dtype)
             squares += xs * xs - inverse_length
         else:
             xb = _load_tile(ptr, rows, cols_b, stride_l, stride_r, row_end, rank, VECTOR)
-            acc += _gram_product(fresh, xa, xb, PRECISION, False)
-    return acc, squares
+            product, inverse = _gram_product(fresh, xa, xb, PRECISION, False)
+        acc += product
+        peaks = _track_peaks(peaks, inverse, xa, PRECISION)
+    return acc, squares, peaks
+
+
+@triton.jit
+def _track_peaks(peaks, inverse, xa, PRECISION: tl.constexpr):
+    """Float32 pairs: the largest split inverse so far (the tiles' own, free); 16-bit factors,
+    which the Gram product takes as they are: the elementwise largest magnitudes, reduced once
+    per item (a reduction across the block per tile costs more than a tile's products, see
+    :func:`_product`)."""
+    if PRECISION == F32_SPLIT16:
+        peaks = tl.maximum(peaks, inverse)
+    elif PRECISION == HALF:
+        peaks = tl.maximum(peaks, tl.abs(xa.to(tl.float32)))
+    return peaks
 
 
 @triton.jit
 def _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE: tl.constexpr,
               PRECISION: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK: tl.constexpr, SAME: tl.constexpr,
               ALIGNED: tl.constexpr, VEC: tl.constexpr):
-    """The item's share of ``D = G − I``: ``X[rows, cols_a]ᵀ X[rows, cols_b]`` over its rows (see
-    :func:`_gram_product`), less ``(rows / L)·I`` on a diagonal block, so that the shares of a
-    matrix sum to ``G − I`` and every partial sum stays as small as ``D`` (no cancellation)."""
+    """``(share, inverse)``: the item's share of ``D = G − I``, ``X[rows, cols_a]ᵀ X[rows, cols_b]``
+    over its rows (see :func:`_gram_product`), less ``(rows / L)·I`` on a diagonal block, so that
+    the shares of a matrix sum to ``G − I`` and every partial sum stays as small as ``D`` (no
+    cancellation); and where the gradient splits ``X`` into float16 pairs, the split inverse of
+    the largest magnitude read (see :func:`_fp16_scaling`): the gradient items scale every tile
+    of the matrix by the largest over its Gram items, with no reduction of their own."""
     acc = tl.zeros((BLOCK, BLOCK), ACC_DTYPE)
     squares = tl.zeros((BLOCK_L, BLOCK), ACC_DTYPE)
+    if PRECISION == HALF:
+        peaks = tl.zeros((BLOCK_L, BLOCK), tl.float32)
+    else:
+        peaks = 0.0
     length = tl.load(entry + MAT_LENGTH)
     # 1/L cut to 12 significant bits: x² less that is exact for the dyadic entries of exactly
     # orthonormal factors (signed permutations, Hadamard blocks), whose D so comes out exactly 0.
@@ -263,18 +304,18 @@ def _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DT
         stride_l = tl.load(entry + MAT_STRIDE_L)
         if ALIGNED:
             stride_l = tl.multiple_of(stride_l, VEC)
-        acc, squares = _gram_rows(acc, squares, ptr, stride_l, 1, row_start, row_end, rank, cols_a, cols_b,
-                                  inverse_length, BLOCK_L, PRECISION, SAME, ALIGNED)
+        acc, squares, peaks = _gram_rows(acc, squares, peaks, ptr, stride_l, 1, row_start, row_end, rank, cols_a,
+                                         cols_b, inverse_length, BLOCK_L, PRECISION, SAME, ALIGNED)
     elif kind == COL_MAJOR:
         stride_r = tl.load(entry + MAT_STRIDE_R)
         if ALIGNED:
             stride_r = tl.multiple_of(stride_r, VEC)
-        acc, squares = _gram_rows(acc, squares, ptr, 1, stride_r, row_start, row_end, rank, cols_a, cols_b,
-                                  inverse_length, BLOCK_L, PRECISION, SAME, ALIGNED)
+        acc, squares, peaks = _gram_rows(acc, squares, peaks, ptr, 1, stride_r, row_start, row_end, rank, cols_a,
+                                         cols_b, inverse_length, BLOCK_L, PRECISION, SAME, ALIGNED)
     else:
-        acc, squares = _gram_rows(acc, squares, ptr, tl.load(entry + MAT_STRIDE_L), tl.load(entry + MAT_STRIDE_R),
-                                  row_start, row_end, rank, cols_a, cols_b, inverse_length, BLOCK_L, PRECISION,
-                                  SAME, False)
+        acc, squares, peaks = _gram_rows(acc, squares, peaks, ptr, tl.load(entry + MAT_STRIDE_L),
+                                         tl.load(entry + MAT_STRIDE_R), row_start, row_end, rank, cols_a, cols_b,
+                                         inverse_length, BLOCK_L, PRECISION, SAME, False)
     if SAME:
         # Every slot of every tile took ``inverse_length`` off, the masked rows' zeros too: that
         # is given back and the item's share of I, ``rows / L``, taken off in float64.
@@ -283,7 +324,9 @@ def _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DT
         diagonal = tl.sum(squares.to(tl.float64), axis=0) + taken - rows.to(tl.float64) / length.to(tl.float64)
         diagonal = diagonal.to(ACC_DTYPE)
         acc = tl.where(cols_a[:, None] == cols_b[None, :], diagonal[None, :], acc)
-    return acc
+    if PRECISION == HALF:
+        peaks = _fp16_scaling(tl.max(peaks))[1]
+    return acc, peaks
 
 
 @triton.jit
@@ -317,7 +360,7 @@ def _complete_gram(gram, gram_width, rank, ACC_DTYPE: tl.constexpr, BLOCK: tl.co
 
 
 @triton.jit(noinline=True)
-def _gram_item(item, mats, deviations, norms, arrivals, gram_stride, gram_width,
+def _gram_item(item, mats, deviations, norms, inverses, arrivals, gram_stride, gram_width,
                DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_L: tl.constexpr,
                BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
                COMPLETE_ROWS: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr):
@@ -346,14 +389,14 @@ def _gram_item(item, mats, deviations, norms, arrivals, gram_stride, gram_width,
     cols_b = block_b * BLOCK + tl.arange(0, BLOCK)
     # A diagonal block pair sums xᵀx (two split products), any other pair xaᵀxb (three).
     if NUM_BLOCKS == 1:
-        acc = _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE, PRECISION, BLOCK_L,
-                        BLOCK, True, ALIGNED, VEC)
+        acc, inverse = _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE, PRECISION,
+                                 BLOCK_L, BLOCK, True, ALIGNED, VEC)
     elif block_a == block_b:
-        acc = _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE, PRECISION, BLOCK_L,
-                        BLOCK, True, ALIGNED, VEC)
+        acc, inverse = _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE, PRECISION,
+                                 BLOCK_L, BLOCK, True, ALIGNED, VEC)
     else:
-        acc = _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE, PRECISION, BLOCK_L,
-                        BLOCK, False, ALIGNED, VEC)
+        acc, inverse = _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE, PRECISION,
+                                 BLOCK_L, BLOCK, False, ALIGNED, VEC)
     # The block pair as summed (block_a <= block_b): the completing item symmetrizes.
     gram = deviations + index * gram_stride
     mask = (cols_a[:, None] < rank) & (cols_b[None, :] < rank)
@@ -364,6 +407,9 @@ def _gram_item(item, mats, deviations, norms, arrivals, gram_stride, gram_width,
         tl.atomic_add(target, value, mask=mask, sem="relaxed")
     else:
         tl.store(target, value, mask=mask)
+    if PRECISION == F32_SPLIT16 or PRECISION == HALF:
+        # Positive float32 bits order as their integers.
+        tl.atomic_max(inverses + index, inverse.to(tl.int32, bitcast=True), sem="relaxed")
     # Every thread's updates precede the release of the arrival below (CTA barrier first).
     tl.debug_barrier()
     arrived = tl.atomic_add(arrivals + index, 1, sem="acq_rel")
@@ -387,11 +433,13 @@ def _split_deviation(d, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _product(zero, x, d_hi, d_lo, d_inverse, PRECISION: tl.constexpr):
+def _product(zero, x, x_scale, x_inverse, d_hi, d_lo, d_inverse, PRECISION: tl.constexpr):
     """``x·d``, its tensor-core products chained from ``zero``, where ``(d_hi, d_lo, d_inverse)``
-    came from :func:`_split_deviation`."""
+    came from :func:`_split_deviation` and, for float16 pairs, ``x_scale`` and ``x_inverse`` from
+    the largest magnitude of x's matrix (see :func:`_gram_sum`; the tile's own, one reduction
+    across the block per tile, took a sixth of the gradient launch's time on an H100)."""
     if PRECISION == F32_SPLIT16 or PRECISION == HALF:
-        x_hi, x_lo, x_inverse = _split_fp16(x.to(tl.float32))
+        x_hi, x_lo = _split_fp16_scaled(x.to(tl.float32), x_scale)
         product = tl.dot(x_lo, d_hi, zero)
         product = tl.dot(x_hi, d_lo, product)
         product = tl.dot(x_hi, d_hi, product) * (x_inverse * d_inverse)
@@ -412,9 +460,40 @@ def _deviation_block(gram, gram_width, rows, cols, rank, ACC_DTYPE: tl.constexpr
 
 @triton.jit
 def _gradient_rows(ptr, stride_l, stride_r, out, out_stride_l, out_stride_r, row_start, row_end, rank, cols,
-                   gram, gram_width, d_hi, d_lo, d_inverse, coeff, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                   ACCUMULATE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   NUM_K: tl.constexpr, VECTOR: tl.constexpr, OUTPUT_STAGES: tl.constexpr):
+                   gram, gram_width, x_inverse, d_hi, d_lo, d_inverse, coeff, ACC_DTYPE: tl.constexpr,
+                   PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, NUM_K: tl.constexpr, VECTOR: tl.constexpr, OUTPUT_STAGES: tl.constexpr):
+    """The item's rows of the gradient, ``x_inverse`` the split inverse of its matrix (see
+    :func:`_gram_sum`). Float16 pairs scaled by a constant are split in the layout the tensor
+    cores read them in; under a scale known only at run time the compiler splits each tile in
+    the layout it was loaded in and sends both parts through shared memory (0.14 ms more per
+    Llama-2-7B step on an H100). So a matrix whose largest magnitude lies in [2^-8, 2^5)
+    (``x_inverse`` in [2^-22, 2^-10]; near-orthonormal factors have entries near ``1/√L``, none
+    above 1) takes the constant scale 2^10: every element stays below 2^15, and every element
+    down to 2^-13 keeps both parts normal (about 22 bits), the smaller ones an absolute error
+    below 2^-34."""
+    if PRECISION == F32_SPLIT16 or PRECISION == HALF:
+        if (x_inverse >= 1.0 / (1 << 22)) & (x_inverse <= 1.0 / (1 << 10)):
+            _gradient_loop(ptr, stride_l, stride_r, out, out_stride_l, out_stride_r, row_start, row_end, rank, cols,
+                           gram, gram_width, 1024.0, 1.0 / 1024.0, d_hi, d_lo, d_inverse, coeff, ACC_DTYPE,
+                           PRECISION, ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K, NUM_K, VECTOR, OUTPUT_STAGES)
+        else:
+            # The scale is exact (the inverse of a power of two). This loop is not pipelined: its
+            # tile buffers beside the other loop's would leave room for one program per SM.
+            _gradient_loop(ptr, stride_l, stride_r, out, out_stride_l, out_stride_r, row_start, row_end, rank, cols,
+                           gram, gram_width, 1.0 / x_inverse, x_inverse, d_hi, d_lo, d_inverse, coeff, ACC_DTYPE,
+                           PRECISION, ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K, NUM_K, VECTOR, 1)
+    else:  # the factor enters its products as it is
+        _gradient_loop(ptr, stride_l, stride_r, out, out_stride_l, out_stride_r, row_start, row_end, rank, cols,
+                       gram, gram_width, 1.0, 1.0, d_hi, d_lo, d_inverse, coeff, ACC_DTYPE, PRECISION, ACCUMULATE,
+                       BLOCK_L, BLOCK_N, BLOCK_K, NUM_K, VECTOR, OUTPUT_STAGES)
+
+
+@triton.jit
+def _gradient_loop(ptr, stride_l, stride_r, out, out_stride_l, out_stride_r, row_start, row_end, rank, cols,
+                   gram, gram_width, x_scale, x_inverse, d_hi, d_lo, d_inverse, coeff, ACC_DTYPE: tl.constexpr,
+                   PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, NUM_K: tl.constexpr, VECTOR: tl.constexpr, OUTPUT_STAGES: tl.constexpr):
     # With OUTPUT_STAGES the loop's stage count is explicit, which makes the pipeliner prefetch
     # every load in it, the .grad tiles that ACCUMULATE reads too (otherwise they are plain loads
     # waited for in each iteration: at r = 16 that latency bounds the loop).
@@ -427,7 +506,7 @@ def _gradient_rows(ptr, stride_l, stride_r, out, out_stride_l, out_stride_r, row
         zero = tl.zeros((BLOCK_L, BLOCK_N), ACC_DTYPE)
         if NUM_K == 1:
             x = _load_tile(ptr, rows, tl.arange(0, BLOCK_K), stride_l, stride_r, row_end, rank, VECTOR)
-            acc = _product(zero, x, d_hi, d_lo, d_inverse, PRECISION)
+            acc = _product(zero, x, x_scale, x_inverse, d_hi, d_lo, d_inverse, PRECISION)
         else:  # ranks above 128: the deviation blocks come again from L2 for every tile
             acc = zero
             for kb in tl.static_range(NUM_K):
@@ -435,7 +514,7 @@ def _gradient_rows(ptr, stride_l, stride_r, out, out_stride_l, out_stride_r, row
                 x = _load_tile(ptr, rows, ks, stride_l, stride_r, row_end, rank, VECTOR)
                 blk_hi, blk_lo, blk_inverse = _split_deviation(
                     _deviation_block(gram, gram_width, ks, cols, rank, ACC_DTYPE), PRECISION)
-                acc += _product(zero, x, blk_hi, blk_lo, blk_inverse, PRECISION)
+                acc += _product(zero, x, x_scale, x_inverse, blk_hi, blk_lo, blk_inverse, PRECISION)
         update = coeff * acc
         if ACCUMULATE:
             update += previous
@@ -443,8 +522,8 @@ def _gradient_rows(ptr, stride_l, stride_r, out, out_stride_l, out_stride_r, row
 
 
 @triton.jit(noinline=True)
-def _gradient_item(item, mats, outs, out_base, deviations, norms, arrivals, factor, gram_stride, gram_width, count,
-                   official, DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+def _gradient_item(item, mats, outs, out_base, deviations, norms, inverses, arrivals, factor, gram_stride, gram_width,
+                   count, official, DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                    WAIT: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, NUM_K: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr,
                    OUTPUT_STAGES: tl.constexpr):
@@ -485,6 +564,7 @@ def _gradient_item(item, mats, outs, out_base, deviations, norms, arrivals, fact
         ptr = address.to(tl.pointer_type(DTYPE))
         out = out_address.to(tl.pointer_type(DTYPE))
         cols = col_start + tl.arange(0, BLOCK_N)
+        x_inverse = tl.load(inverses + index, cache_modifier=".cg").to(tl.float32, bitcast=True)
         if NUM_K == 1:
             deviation = _deviation_block(gram, gram_width, tl.arange(0, BLOCK_K), cols, rank, ACC_DTYPE)
             d_hi, d_lo, d_inverse = _split_deviation(deviation, PRECISION)
@@ -499,8 +579,8 @@ def _gradient_item(item, mats, outs, out_base, deviations, norms, arrivals, fact
                 stride_l = tl.multiple_of(stride_l, VEC)
                 out_stride_l = tl.multiple_of(out_stride_l, VEC)
             _gradient_rows(ptr, stride_l, 1, out, out_stride_l, 1, row_start, row_end, rank, cols, gram, gram_width,
-                           d_hi, d_lo, d_inverse, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K,
-                           NUM_K, ALIGNED, OUTPUT_STAGES)
+                           x_inverse, d_hi, d_lo, d_inverse, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L,
+                           BLOCK_N, BLOCK_K, NUM_K, ALIGNED, OUTPUT_STAGES)
         elif kind == COL_MAJOR:
             stride_r = tl.load(entry + MAT_STRIDE_R)
             out_stride_r = tl.load(out_entry + OUT_STRIDE_R)
@@ -508,20 +588,20 @@ def _gradient_item(item, mats, outs, out_base, deviations, norms, arrivals, fact
                 stride_r = tl.multiple_of(stride_r, VEC)
                 out_stride_r = tl.multiple_of(out_stride_r, VEC)
             _gradient_rows(ptr, 1, stride_r, out, 1, out_stride_r, row_start, row_end, rank, cols, gram, gram_width,
-                           d_hi, d_lo, d_inverse, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K,
-                           NUM_K, ALIGNED, OUTPUT_STAGES)
+                           x_inverse, d_hi, d_lo, d_inverse, coeff, ACC_DTYPE, PRECISION, ACCUMULATE, BLOCK_L,
+                           BLOCK_N, BLOCK_K, NUM_K, ALIGNED, OUTPUT_STAGES)
         else:
             _gradient_rows(ptr, tl.load(entry + MAT_STRIDE_L), tl.load(entry + MAT_STRIDE_R), out,
                            tl.load(out_entry + OUT_STRIDE_L), tl.load(out_entry + OUT_STRIDE_R), row_start, row_end,
-                           rank, cols, gram, gram_width, d_hi, d_lo, d_inverse, coeff, ACC_DTYPE, PRECISION,
-                           ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K, NUM_K, False, OUTPUT_STAGES)
+                           rank, cols, gram, gram_width, x_inverse, d_hi, d_lo, d_inverse, coeff, ACC_DTYPE,
+                           PRECISION, ACCUMULATE, BLOCK_L, BLOCK_N, BLOCK_K, NUM_K, False, OUTPUT_STAGES)
 
 
 # Integers that vary between calls or factor sets are not specialized on (fewer compilations).
 @triton.jit(do_not_specialize=["out_base", "num_items", "coeff_hi", "coeff_lo", "gram_stride", "gram_width", "count",
                                "official", "value_count"])
-def _ortho_kernel(mats, outs, out_base, work, num_items, queue, arrivals, deviations, norms, value, scale, coeff_hi,
-                  coeff_lo, gram_stride, gram_width, count, official, value_count,
+def _ortho_kernel(mats, outs, out_base, work, num_items, queue, arrivals, deviations, norms, inverses, value, scale,
+                  coeff_hi, coeff_lo, gram_stride, gram_width, count, official, value_count,
                   DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, GRAM: tl.constexpr,
                   GRADIENT_PHASE: tl.constexpr, VALUE: tl.constexpr, SCALED: tl.constexpr,
                   ACCUMULATE: tl.constexpr, GRAM_ROWS: tl.constexpr, GRADIENT_ROWS: tl.constexpr,
@@ -541,19 +621,19 @@ def _ortho_kernel(mats, outs, out_base, work, num_items, queue, arrivals, deviat
         item = work + ticket * WORK_FIELDS
         if GRAM and GRADIENT_PHASE:
             if tl.load(item + WORK_PHASE) == GRADIENT:
-                _gradient_item(item, mats, outs, out_base, deviations, norms, arrivals, factor, gram_stride, gram_width,
-                               count, official, DTYPE, ACC_DTYPE, PRECISION, True, ACCUMULATE, GRADIENT_ROWS,
-                               BLOCK_N, BLOCK_K, NUM_K, OUT_ALIGNED, VEC, OUTPUT_STAGES)
+                _gradient_item(item, mats, outs, out_base, deviations, norms, inverses, arrivals, factor, gram_stride,
+                               gram_width, count, official, DTYPE, ACC_DTYPE, PRECISION, True, ACCUMULATE,
+                               GRADIENT_ROWS, BLOCK_N, BLOCK_K, NUM_K, OUT_ALIGNED, VEC, OUTPUT_STAGES)
             else:
-                _gram_item(item, mats, deviations, norms, arrivals, gram_stride, gram_width, DTYPE, ACC_DTYPE, PRECISION,
-                           GRAM_ROWS, BLOCK, NUM_BLOCKS, BLOCK_K, NUM_K, COMPLETE_ROWS, ALIGNED, VEC)
+                _gram_item(item, mats, deviations, norms, inverses, arrivals, gram_stride, gram_width, DTYPE, ACC_DTYPE,
+                           PRECISION, GRAM_ROWS, BLOCK, NUM_BLOCKS, BLOCK_K, NUM_K, COMPLETE_ROWS, ALIGNED, VEC)
         elif GRAM:
-            _gram_item(item, mats, deviations, norms, arrivals, gram_stride, gram_width, DTYPE, ACC_DTYPE, PRECISION,
-                       GRAM_ROWS, BLOCK, NUM_BLOCKS, BLOCK_K, NUM_K, COMPLETE_ROWS, ALIGNED, VEC)
+            _gram_item(item, mats, deviations, norms, inverses, arrivals, gram_stride, gram_width, DTYPE, ACC_DTYPE,
+                       PRECISION, GRAM_ROWS, BLOCK, NUM_BLOCKS, BLOCK_K, NUM_K, COMPLETE_ROWS, ALIGNED, VEC)
         else:
-            _gradient_item(item, mats, outs, out_base, deviations, norms, arrivals, factor, gram_stride, gram_width, count,
-                           official, DTYPE, ACC_DTYPE, PRECISION, False, ACCUMULATE, GRADIENT_ROWS, BLOCK_N,
-                           BLOCK_K, NUM_K, OUT_ALIGNED, VEC, OUTPUT_STAGES)
+            _gradient_item(item, mats, outs, out_base, deviations, norms, inverses, arrivals, factor, gram_stride,
+                           gram_width, count, official, DTYPE, ACC_DTYPE, PRECISION, False, ACCUMULATE, GRADIENT_ROWS,
+                           BLOCK_N, BLOCK_K, NUM_K, OUT_ALIGNED, VEC, OUTPUT_STAGES)
         ticket = tl.atomic_add(queue + TICKET, 1, sem="relaxed")
     if VALUE:
         tl.debug_barrier()
@@ -637,10 +717,11 @@ def two_launch_step(precision: int, block_r: int) -> bool:
     one: where the two kinds of items want different programs. Float32 pairs at Gram width 128
     on an H100: the Gram items run fastest as one 8-warp program per SM, the gradient items as
     two 4-warp programs with narrower tiles, and a fused launch gives both the Gram items'
-    shape (its one register allocation, 255 registers, serves both). Llama-2-7B set: 0.73 ms
-    + 1.70 ms against 3.48–3.63 ms fused (Llama-3-8B 0.76 + 1.81 against 3.65–3.80 ms). At r = 16
-    the fused launch was faster in three of four measurements (0.273–0.285 ms, once 0.388 ms,
-    against 0.111–0.115 + 0.200–0.211 ms; raw: bench/results/ortho-split-probe-*.txt)."""
+    shape (its one register allocation, 255 registers, serves both). Llama-2-7B set: 0.73–0.74 ms
+    + 1.43 ms against 3.19–3.43 ms fused (Llama-3-8B 0.78 + 1.51 against 3.32–3.58 ms). At r = 16
+    the fused launch was faster: 0.257–0.269 ms against 0.110–0.113 + 0.199–0.205 ms (in an earlier
+    run, three of four measurements 0.273–0.285 ms, once 0.388 ms; raw:
+    bench/results/ortho-split-probe-*.txt)."""
     return precision == F32_SPLIT16.value and block_r == MAX_GRAM_BLOCK
 
 
@@ -672,10 +753,10 @@ def default_configs(precision: int, block_r: int, itemsize: int, mode: str = "st
         # Float32 pairs take the step as two launches (two_launch_step), each with its own
         # programs. H100, Llama-2-7B set: the Gram launch in 64-row tiles three stages deep at one
         # 8-warp program per SM, 0.73 ms (the same four stages deep, 0.84–0.85 ms in 32-row tiles
-        # four or six deep, 1.77 ms at 16 warps); the gradients added into .grad by two 4-warp
-        # programs per SM on 64×64 tiles, 1.69–1.71 ms, against 1.74 ms for 32×128 tiles, 1.85 ms
-        # for 32×64, 1.97 ms for 16×128, 1.91 ms for 128×128 tiles at one 8-warp program, 2.43 ms
-        # for 64×128 at 8 warps, and 2.53–2.62 ms where a third stage or prefetched .grad tiles
+        # four or six deep, 1.75 ms at 16 warps); the gradients added into .grad by two 4-warp
+        # programs per SM on 64×64 tiles, 1.43 ms, against 1.65 ms for 32×128 tiles, 1.82 ms
+        # for 32×64, 1.89 ms for 16×128, 1.81 ms for 128×128 tiles at one 8-warp program, 2.34 ms
+        # for 64×128 at 8 warps, and 2.09–2.13 ms where a third stage or prefetched .grad tiles
         # leave room for one program per SM.
         if mode == "forward":
             return [Config(64, 128, block_r, chunk, 1.0, 8, 3)] + fallbacks
@@ -901,16 +982,16 @@ class Plan:
             sl, sr = m.stride()
             by_dtype.setdefault(m.dtype, []).append((i, m.data_ptr(), L, r, sl, sr, _kind(r, sl, sr)))
         self.groups = [_Group(dtype, members, self) for dtype, members in by_dtype.items()]
-        # Stack of D, norms, then the queue counters of every group and the matrices' arrival
-        # counters (int32) in one zeroed workspace per call.
+        # Stack of D, norms, then (int32) the matrices' split inverses (float32 bits), the queue
+        # counters of every group and the matrices' arrival counters, in one zeroed workspace per call.
         gram_elements = self.count * self.width * self.width
         self._norms_at = gram_elements
-        self._counters_at = gram_elements + self.count
+        self._integers_at = gram_elements + self.count
         # Two queues per group (a two-launch step takes the second for its gradient launch).
         self._queue_ints = 2 * QUEUE_SLOTS * len(self.groups)
-        counter_ints = self._queue_ints + self.count
+        integers = self.count + self._queue_ints + self.count
         ints_per_element = self.gram_dtype.itemsize // 4
-        self._workspace_elements = self._counters_at + -(-counter_ints // ints_per_element)
+        self._workspace_elements = self._integers_at + -(-integers // ints_per_element)
         # {data pointers of the outputs: per group (device table, aligned)}: .grad tensors are
         # often reallocated at the addresses they had.
         self._output_tables: OrderedDict[tuple, list] = OrderedDict()
@@ -920,22 +1001,27 @@ class Plan:
         self._output_strides: list | None = None
         self._output_layouts: list = []
 
-    def workspace(self):
-        """Zeroed stack of ``D = G − I`` ``[n, W, W]``, norms ``[n]`` and counters (one allocation, one fill)."""
+    def workspace(self) -> tuple[tuple, torch.Tensor]:
+        """``((deviations, norms, inverses), counters)``, zeroed (one allocation, one fill): the
+        stack of ``D = G − I`` ``[n, W, W]``, the norms ``[n]`` and the split inverses ``[n]``
+        (float32 bits, see :func:`_gram_sum`) that the Gram items write and the gradient items
+        read, which is what ``backward`` takes back; and the counters of the launches."""
         workspace = torch.zeros(self._workspace_elements, dtype=self.gram_dtype, device=self.device)
         deviations = workspace[: self._norms_at].view(self.count, self.width, self.width)
-        norms = workspace[self._norms_at : self._counters_at]
-        counters = workspace[self._counters_at :].view(torch.int32)
-        return deviations, norms, counters
+        norms = workspace[self._norms_at : self._integers_at]
+        integers = workspace[self._integers_at :].view(torch.int32)
+        return (deviations, norms, integers[: self.count]), integers[self.count :]
 
     def counters(self) -> torch.Tensor:
         """Zeroed counters alone, for launches that reuse the Gram matrices of an earlier call."""
         return torch.zeros(self._queue_ints + self.count, dtype=torch.int32, device=self.device)
 
-    def per_call(self, group, counters, deviations, norms, value, *, official, outs=None, out_base=0, out_aligned=False,
+    def per_call(self, group, counters, saved, value, *, official, outs=None, out_base=0, out_aligned=False,
                  scale=None, coeff=1.0, second_launch=False) -> dict:
-        """The kernel arguments of one call for ``group`` (``second_launch``: the gradient launch
-        of a two-launch step, which takes the group's second queue)."""
+        """The kernel arguments of one call for ``group`` (``saved``: see :meth:`workspace`;
+        ``second_launch``: the gradient launch of a two-launch step, which takes the group's
+        second queue)."""
+        deviations, norms, inverses = saved
         number = self.groups.index(group) + second_launch * len(self.groups)
         # Float arguments are float32: the coefficient goes as a pair (exact to 2^-48 when finite).
         coeff_hi = float(numpy.float32(coeff))
@@ -943,9 +1029,9 @@ class Plan:
         # Pointers the variant does not use still need a tensor: any will do.
         return dict(
             outs=group.mats if outs is None else outs, out_base=out_base, deviations=deviations, norms=norms,
-            value=norms if value is None else value, queue=counters[QUEUE_SLOTS * number : QUEUE_SLOTS * (number + 1)],
-            arrivals=counters[self._queue_ints :], scale=norms if scale is None else scale,
-            coeff_hi=coeff_hi, coeff_lo=coeff_lo, official=official,
+            inverses=inverses, value=norms if value is None else value,
+            queue=counters[QUEUE_SLOTS * number : QUEUE_SLOTS * (number + 1)], arrivals=counters[self._queue_ints :],
+            scale=norms if scale is None else scale, coeff_hi=coeff_hi, coeff_lo=coeff_lo, official=official,
             variant=(value is not None, scale is not None, out_aligned),
         )
 
@@ -988,8 +1074,8 @@ def _complete_rows(block_r: int, block_k: int, num_warps: int) -> int:
 
 
 # Kernel arguments that change from call to call; the others are fixed per group and variant.
-_PER_CALL = ("outs", "out_base", "queue", "arrivals", "deviations", "norms", "value", "scale", "coeff_hi", "coeff_lo",
-             "official")
+_PER_CALL = ("outs", "out_base", "queue", "arrivals", "deviations", "norms", "inverses", "value", "scale", "coeff_hi",
+             "coeff_lo", "official")
 # (variant, candidates) -> index of the first candidate that compiled within the device's limits.
 _chosen: dict[tuple, int] = {}
 
@@ -1076,18 +1162,17 @@ def prepare(Us, Vts) -> Plan:
 
 
 def forward(plan: Plan, Us, Vts, form):
-    deviations, norms, counters = plan.workspace()
+    saved, counters = plan.workspace()
     value = torch.empty((), dtype=plan.gram_dtype, device=plan.device)
     official = int(form == "official")
     with on_device(plan.device):
         for group in plan.groups:
-            last = group is plan.groups[-1]
-            _run(plan, group, "forward", plan.per_call(group, counters, deviations, norms, value if last else None,
-                                                       official=official))
-    return value, deviations, norms
+            value_if_last = value if group is plan.groups[-1] else None
+            _run(plan, group, "forward", plan.per_call(group, counters, saved, value_if_last, official=official))
+    return value, saved
 
 
-def backward(plan: Plan, Us, Vts, deviations, norms, form, scale, wanted):
+def backward(plan: Plan, Us, Vts, saved, form, scale, wanted):
     counters = plan.counters()
     official = int(form == "official")
     grads = [None] * plan.count
@@ -1101,25 +1186,23 @@ def backward(plan: Plan, Us, Vts, deviations, norms, form, scale, wanted):
                 if view is not None:
                     offset, shape = view
                     grads[i] = buffer[offset : offset + shape[0] * shape[1]].view(shape)
-            _run(plan, group, "backward", plan.per_call(group, counters, deviations, norms, None, official=official,
-                                                        outs=table, out_base=buffer.data_ptr(), out_aligned=aligned,
-                                                        scale=scale))
+            _run(plan, group, "backward", plan.per_call(group, counters, saved, None, official=official, outs=table,
+                                                        out_base=buffer.data_ptr(), out_aligned=aligned, scale=scale))
     return grads
 
 
 def step_(plan: Plan, Us, Vts, form, coeff, outs):
-    deviations, norms, counters = plan.workspace()
+    saved, counters = plan.workspace()
     value = torch.empty((), dtype=plan.gram_dtype, device=plan.device)
     official = int(form == "official")
     with on_device(plan.device):
         for group, (table, aligned) in zip(plan.groups, plan.output_tables(outs)):
-            last = group is plan.groups[-1]
+            value_if_last = value if group is plan.groups[-1] else None
             gradients = dict(official=official, outs=table, out_aligned=aligned, coeff=coeff)
             if two_launch_step(_precision(group.dtype), group.block_r):
-                _run(plan, group, "forward", plan.per_call(group, counters, deviations, norms, None, official=official))
-                _run(plan, group, "accumulate", plan.per_call(group, counters, deviations, norms, value if last else None,
-                                                              second_launch=True, **gradients))
+                _run(plan, group, "forward", plan.per_call(group, counters, saved, None, official=official))
+                _run(plan, group, "accumulate", plan.per_call(group, counters, saved, value_if_last, second_launch=True,
+                                                              **gradients))
             else:
-                _run(plan, group, "step", plan.per_call(group, counters, deviations, norms, value if last else None,
-                                                        **gradients))
+                _run(plan, group, "step", plan.per_call(group, counters, saved, value_if_last, **gradients))
     return value
