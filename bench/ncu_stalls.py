@@ -11,9 +11,7 @@ def main(path: str):
         lines = f.read().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(('"#"', '"Address"')))
     rows = list(csv.DictReader(lines[start:]))
-    columns = list(rows[0].keys())
-    print("columns:", columns)
-    sample_column = next(c for c in columns if c.startswith("Warp Stall Sampling (All"))
+    sample_column = next(c for c in rows[0] if c.startswith("Warp Stall Sampling (All"))
     source_column = "Source"
 
     def number(value):
