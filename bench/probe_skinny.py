@@ -14,6 +14,7 @@ repository root; raw output in ``bench/results/skinny-probe-*.txt``.
 import torch
 
 from sorsa_kernels.benchmark.common import median_ms
+from sorsa_kernels.benchmark.linear import _inputs
 from sorsa_kernels.triton import linear
 
 SHAPES = [(4096, 4096, 4096, 16), (4096, 4096, 4096, 128), (4096, 4096, 11008, 128), (4096, 11008, 4096, 128),
@@ -40,11 +41,8 @@ def dU_cublas(dy, z, S, U):
 def shape_passes(rows, fan_in, fan_out, rank):
     """``{pass: (ours, cuBLAS, bare bfloat16 product, streamed operand, our result)}`` for one shape."""
     device = torch.device("cuda")
-    x = torch.randn(rows, fan_in, device=device, dtype=torch.bfloat16)
-    dy = torch.randn(rows, fan_out, device=device, dtype=torch.bfloat16)
-    U = torch.randn(fan_out, rank, device=device) / fan_out**0.5
-    Vt = torch.randn(rank, fan_in, device=device) / fan_in**0.5
-    S = torch.rand(rank, device=device) + 0.5
+    x, _, U, S, Vt, dy = _inputs(rows, fan_in, fan_out, rank, device)
+    x, U, S, Vt = x.detach(), U.detach(), S.detach(), Vt.detach()
     scale = 0.5
     z = linear._rank_buffer(x, rows, rank)
     g = linear._rank_buffer(dy, rows, rank)
