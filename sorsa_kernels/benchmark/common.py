@@ -51,6 +51,27 @@ def median_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float 
     return statistics.median(times) * 1000
 
 
+def interleaved_ms(fns: dict[str, Callable[[], object]], *, rounds: int = 5, rep_ms: float = 20) -> dict[str, list[float]]:
+    """Per-round median times (ms) of each of ``fns``, timed in turn for ``rounds`` rounds (the
+    order rotating each round) after one warm-up of each: the GPU's clocks drift over a run
+    (power and heat), by ten percent on an H100 between measurements of the same product a few
+    seconds apart, so candidates timed side by side in short turns see the same clocks, and the
+    ratio of two candidates is best taken round by round (:func:`median_ratio`)."""
+    names = list(fns)
+    for name in names:
+        median_ms(fns[name], rep_ms=rep_ms)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(rounds):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            times[name].append(median_ms(fns[name], warmup_ms=5, rep_ms=rep_ms))
+    return times
+
+
+def median_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median over rounds of the ratio of two candidates' times of :func:`interleaved_ms`."""
+    return statistics.median(n / d for n, d in zip(numerator, denominator))
+
+
 def peak_memory_mb(fn: Callable[[], object]) -> float | None:
     """Peak CUDA memory allocated while ``fn`` runs, above what was allocated before (None on CPU)."""
     if not torch.cuda.is_available():

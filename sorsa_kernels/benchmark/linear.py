@@ -5,21 +5,23 @@ forward + dx backward), our ``sorsa_linear``, PEFT's LoRA layer, the naive three
 and the reference SORSA layer (which rebuilds the dense ``(B*S)@A`` every call). As in a
 ``Trainer(bf16=True)`` run, activations and frozen weights are bfloat16, adapters float32, and
 every peer runs under bfloat16 autocast (the small CPU configuration runs everything in
-float32, without autocast). Ratios are to the dense time measured in the same run;
-the floor is the adapter's extra FLOPs over the base GEMM's.
+float32, without autocast). The candidates of a shape are timed in turns, five rounds (see
+:func:`~sorsa_kernels.benchmark.common.interleaved_ms`); a ratio is the median of the
+per-round ratios to dense. The floor is the adapter's extra FLOPs over the base GEMM's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Callable
+import statistics
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sorsa_kernels.benchmark.common import format_table, median_ms, peak_memory_mb, write_results
+from sorsa_kernels.benchmark.common import format_table, interleaved_ms, median_ratio, peak_memory_mb, write_results
 from sorsa_kernels.ops.linear import sorsa_linear
 
 GPU_TOKENS = (4096, 16384)
@@ -120,21 +122,14 @@ def measure_training(tokens, in_features, out_features, rank, device) -> dict:
     leaves = [x, U, S, Vt, *reference.parameters(), *(peft_layer.parameters() if peft_layer is not None else ())]
     with autocast:
         steps = {name: _fwd_bwd(fn, dy, leaves) for name, fn in candidates.items()}
-        for name, step in steps.items():
-            row[f"{name}_ms"] = median_ms(step)
+        _record(row, "", interleaved_ms(steps))
         row["dense_peak_mb"] = peak_memory_mb(steps["dense"])
         row["ours_peak_mb"] = peak_memory_mb(steps["ours"])
     if device.type == "cuda":
         # Without the autocast cache, a graph casts the adapters on each replay, as an eager step does once.
         with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
-            for name in GRAPHED_PEERS:
-                if name in steps:
-                    row[f"{name}_graph_ms"] = median_ms(_graphed(steps[name]))
-        for name in GRAPHED_PEERS:
-            if f"{name}_graph_ms" in row:
-                row[f"{name}_graph_ratio"] = row[f"{name}_graph_ms"] / row["dense_graph_ms"]
-    for name in candidates:
-        row[f"{name}_ratio"] = row[f"{name}_ms"] / row["dense_ms"]
+            graphs = {name: _graphed(steps[name]) for name in GRAPHED_PEERS if name in steps}
+            _record(row, "_graph", interleaved_ms(graphs))
     row["floor"] = training_floor(in_features, out_features, rank)
     row["ours_over_floor"] = row["ours_ratio"] / row["floor"]
     if row["dense_peak_mb"] is not None:
@@ -142,6 +137,16 @@ def measure_training(tokens, in_features, out_features, rank, device) -> dict:
         row["extra_peak_budget_mb"] = 4 * tokens * rank * x.element_size() / 2**20
         row["adapter_grads_mb"] = sum(t.numel() * t.element_size() for t in (U, S, Vt)) / 2**20
     return row
+
+
+def _record(row: dict, suffix: str, times: dict[str, list[float]]) -> None:
+    """Each candidate's per-round times, their median and its median ratio to dense's round by
+    round (see :func:`~sorsa_kernels.benchmark.common.interleaved_ms`) into ``row``."""
+    for name, rounds in times.items():
+        row[f"{name}{suffix}_rounds_ms"] = rounds
+        row[f"{name}{suffix}_ms"] = statistics.median(rounds)
+        if name != "dense":
+            row[f"{name}{suffix}_ratio"] = median_ratio(rounds, times["dense"])
 
 
 def _graphed(fn: Callable[[], object]) -> Callable[[], None]:
@@ -167,36 +172,31 @@ def measure_inference(tokens, in_features, out_features, rank, device) -> dict:
     x, weight, U, S, Vt, _ = _inputs(tokens, in_features, out_features, rank, device)
     candidates = {"dense": lambda: F.linear(x, weight), "ours": lambda: sorsa_linear(x, weight, U, S, Vt, None, 2.0)}
     row = dict(mode="infer", tokens=tokens, in_features=in_features, out_features=out_features, rank=rank)
-    for name, fn in candidates.items():
-        row[f"{name}_ms"] = median_ms(fn)
-        if device.type == "cuda":
-            row[f"{name}_graph_ms"] = median_ms(_graphed(fn))
-    row["ours_ratio"] = row["ours_ms"] / row["dense_ms"]
+    _record(row, "", interleaved_ms(candidates))
     if device.type == "cuda":
-        row["ours_graph_ratio"] = row["ours_graph_ms"] / row["dense_graph_ms"]
+        _record(row, "_graph", interleaved_ms({name: _graphed(fn) for name, fn in candidates.items()}))
     row["floor"] = inference_floor(in_features, out_features, rank)
     return row
 
 
-def run(quick: bool, tokens=GPU_TOKENS, shapes=GPU_SHAPES, ranks=GPU_RANKS, decode=DECODE_TOKENS) -> dict[str, list[dict]]:
-    """All measurements: the H100 grid (or a part of it), or (``quick``) a small CPU configuration."""
+def run(quick: bool, tokens=GPU_TOKENS, shapes=GPU_SHAPES, ranks=GPU_RANKS, decode=DECODE_TOKENS) -> Iterator[dict]:
+    """Every measurement, one row at a time: the H100 grid (or a part of it), or (``quick``) a
+    small CPU configuration."""
     if quick:
         device = torch.device("cpu")
-        training = [measure_training(m, i, o, r, device) for m, i, o, r in CPU_CONFIGS]
-        inference = [measure_inference(m, i, o, r, device) for m, i, o, r in CPU_CONFIGS]
-        return {"training": training, "inference": inference}
+        yield from (measure_training(m, i, o, r, device) for m, i, o, r in CPU_CONFIGS)
+        yield from (measure_inference(m, i, o, r, device) for m, i, o, r in CPU_CONFIGS)
+        return
     device = torch.device("cuda")
-    training, inference = [], []
     for m in tokens:
         for in_features, out_features in shapes:
             for rank in ranks:
-                training.append(measure_training(m, in_features, out_features, rank, device))
-                inference.append(measure_inference(m, in_features, out_features, rank, device))
+                yield measure_training(m, in_features, out_features, rank, device)
+                yield measure_inference(m, in_features, out_features, rank, device)
                 torch.cuda.empty_cache()
     for m in decode:
         for in_features, out_features in shapes:
-            inference.append(measure_inference(m, in_features, out_features, 128, device))
-    return {"training": training, "inference": inference}
+            yield measure_inference(m, in_features, out_features, 128, device)
 
 
 TRAINING_COLUMNS = ["tokens", "in_features", "out_features", "rank", "dense_ms", "ours_ratio", "floor",
@@ -207,11 +207,23 @@ INFERENCE_COLUMNS = ["tokens", "in_features", "out_features", "rank", "dense_ms"
 
 
 def main(quick: bool, out_dir: str = "bench/results", **grid) -> None:
-    results = run(quick, **grid)
-    print(format_table(results["training"], TRAINING_COLUMNS))
-    print(format_table(results["inference"], INFERENCE_COLUMNS))
-    path = write_results("linear", results["training"] + results["inference"], out_dir, quick=quick)
-    print(f"wrote {path}")
+    """Run the grid, a line per measurement as it comes; interrupted (Ctrl-C, ``timeout -s INT``),
+    still write the rows measured so far, marked ``interrupted``."""
+    rows, interrupted = [], False
+    try:
+        for row in run(quick, **grid):
+            rows.append(row)
+            ratio = f"{row['ours_ratio']:.3f}" + (f", graph {row['ours_graph_ratio']:.3f}" if "ours_graph_ratio" in row else "")
+            print(f"{row['mode']} {row['tokens']} x {row['in_features']}->{row['out_features']} r={row['rank']}: "
+                  f"ours/dense {ratio}", flush=True)  # fmt: skip
+    except KeyboardInterrupt:
+        interrupted = True
+    training = [row for row in rows if row["mode"] == "train"]
+    print(format_table(training, TRAINING_COLUMNS))
+    print(format_table([row for row in rows if row["mode"] == "infer"], INFERENCE_COLUMNS))
+    path = write_results("linear", training + [row for row in rows if row["mode"] == "infer"], out_dir, quick=quick,
+                         **({"interrupted": True} if interrupted else {}))  # fmt: skip
+    print(f"wrote {path}" + (" (interrupted: the rows measured so far)" if interrupted else ""))
 
 
 if __name__ == "__main__":
