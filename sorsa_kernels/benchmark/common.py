@@ -53,10 +53,10 @@ def median_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float 
 
 def interleaved_ms(fns: dict[str, Callable[[], object]], *, rounds: int = 5, rep_ms: float = 20) -> dict[str, list[float]]:
     """Per-round median times (ms) of each of ``fns``, timed in turn for ``rounds`` rounds (the
-    order rotating each round) after one warm-up of each: the GPU's clocks drift over a run
-    (power and heat), by ten percent on an H100 between measurements of the same product a few
-    seconds apart, so candidates timed side by side in short turns see the same clocks, and the
-    ratio of two candidates is best taken round by round (:func:`median_ratio`)."""
+    order rotating each round) after one warm-up of each. A GPU's speed drifts within a run: on
+    an H100 the same product's 20 ms rounds a few seconds apart differed by up to 31 % (once
+    70 %). Timed side by side in short turns, candidates see the same drift, and the ratio of two
+    is best taken round by round (:func:`median_ratio`)."""
     names = list(fns)
     for name in names:
         median_ms(fns[name], rep_ms=rep_ms)
