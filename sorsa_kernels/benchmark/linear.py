@@ -219,9 +219,10 @@ def main(quick: bool, out_dir: str = "bench/results", **grid) -> None:
     except KeyboardInterrupt:
         interrupted = True
     training = [row for row in rows if row["mode"] == "train"]
+    inference = [row for row in rows if row["mode"] == "infer"]
     print(format_table(training, TRAINING_COLUMNS))
-    print(format_table([row for row in rows if row["mode"] == "infer"], INFERENCE_COLUMNS))
-    path = write_results("linear", training + [row for row in rows if row["mode"] == "infer"], out_dir, quick=quick,
+    print(format_table(inference, INFERENCE_COLUMNS))
+    path = write_results("linear", training + inference, out_dir, quick=quick,
                          **({"interrupted": True} if interrupted else {}))  # fmt: skip
     print(f"wrote {path}" + (" (interrupted: the rows measured so far)" if interrupted else ""))
 
