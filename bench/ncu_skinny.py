@@ -7,9 +7,8 @@ configuration a sweep found, launched once inside a profiler range for Nsight Co
 The configurations come from a ``bench/sweep_linear.py`` result file, not from the tuner: tuned
 under ncu, z and g at 4096², r = 128 took unsplit configurations of 64 and 32 programs, which
 leave most of the GPU idle (the tuner times whole passes, zero fills and roundings included, and
-ncu slows every launch). Every other
-launch of the step runs first (tuned), twice, so that the profiled passes read what a step
-leaves behind. Raw output in ``bench/results/skinny-ncu-*.txt``.
+ncu slows every launch). Every other launch of the step runs first (tuned), twice, so that the
+profiled passes read what a step leaves behind. Raw output in ``bench/results/skinny-ncu-*.txt``.
 """
 
 import json

@@ -14,13 +14,12 @@ repository root; raw output in ``bench/results/residue-probe-*.txt``.
 import statistics
 
 import torch
+from probe_skinny import SHAPES  # the same shapes as the skinny passes' probe (bench/ is this script's path)
 
 from sorsa_kernels.benchmark.common import interleaved_ms
 from sorsa_kernels.benchmark.linear import _inputs
 from sorsa_kernels.triton import linear
 
-SHAPES = [(4096, 4096, 4096, 16), (4096, 4096, 4096, 128), (4096, 4096, 11008, 128), (4096, 11008, 4096, 128),
-          (16384, 4096, 4096, 128), (16384, 4096, 11008, 128)]  # fmt: skip
 SCALE = 0.5
 
 
