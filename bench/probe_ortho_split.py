@@ -1,8 +1,9 @@
 """The ortho step's two kinds of work launched apart (every Gram matrix; every gradient added into
 .grad), each timed alone under several configurations, beside the default step, for the
-Llama-2-7B and Llama-3-8B adapter sets at r = 128 (``--r16``: r = 16). What chose
-``two_launch_step`` and the per-mode defaults of ``sorsa_kernels.triton.ortho``; raw output in
-``bench/results/ortho-split-probe-*.txt``. ``python bench/probe_ortho_split.py [--r16]`` on a GPU."""
+Llama-2-7B and Llama-3-8B adapter sets at r = 128 (``--r16``: r = 16; ``--chunks``: r = 128, the
+two launches under work items of several sizes). What chose ``two_launch_step`` and the per-mode
+defaults of ``sorsa_kernels.triton.ortho``; raw output in ``bench/results/ortho-split-probe-*.txt``.
+``python bench/probe_ortho_split.py [--r16 | --chunks]`` on a GPU."""
 
 import dataclasses
 import functools
@@ -62,7 +63,14 @@ def main():
         gram, accumulate = phases(plan, grads)
         step = functools.partial(ortho_reg_grad_, Us, Vts, 0.1, "official")
         fused_configs = []
-        if rank == 128:
+        if "--chunks" in sys.argv:
+            # A program restarts its loop's pipeline and settles its sums once per work item.
+            G, A = varied(rank, "forward"), varied(rank, "accumulate")
+            gram_configs = [
+                G(chunk_rows=rows, num_stages=stages) for rows in (1024, 2048, 4096, 8192) for stages in (3, 4)
+            ]
+            accumulate_configs = [A(chunk_rows=rows) for rows in (1024, 2048, 4096)]
+        elif rank == 128:
             G, A = varied(rank, "forward"), varied(rank, "accumulate")
             gram_configs = [G(), G(num_stages=4), G(gram_rows=32, num_stages=4), G(gram_rows=32, num_stages=6),
                             G(num_warps=16)]
@@ -104,7 +112,8 @@ def main():
                     T.override = None
                     T.two_launch_step = two_launch_step
                     label = (
-                        f"{phase} g{config.gram_rows} d{config.gradient_rows} n{config.block_n} gb{config.gram_block} "
+                        f"{phase} c{config.chunk_rows} g{config.gram_rows} d{config.gradient_rows} n{config.block_n} "
+                        f"gb{config.gram_block} "
                         f"w{config.num_warps} s{config.num_stages} pps{config.programs_per_sm} "
                         f"os{config.output_stages} #{round_}"
                     )

@@ -718,7 +718,8 @@ def two_launch_step(precision: int, block_r: int) -> bool:
     on an H100: the Gram items run fastest as one 8-warp program per SM, the gradient items as
     two 4-warp programs with narrower tiles, and a fused launch gives both the Gram items'
     shape (its one register allocation, 255 registers, serves both). Llama-2-7B set: 0.73–0.74 ms
-    + 1.43 ms against 3.19–3.43 ms fused (Llama-3-8B 0.78 + 1.51 against 3.32–3.58 ms). At r = 16
+    (Gram items of 1024 rows; 0.68 ms in the 4096-row items of default_configs) + 1.43 ms against
+    3.19–3.43 ms fused (Llama-3-8B 0.78 + 1.51 against 3.32–3.58 ms). At r = 16
     the fused launch was faster: 0.257–0.269 ms against 0.110–0.113 + 0.199–0.205 ms (in an earlier
     run, three of four measurements 0.273–0.285 ms, once 0.388 ms; raw:
     bench/results/ortho-split-probe-*.txt)."""
@@ -751,15 +752,19 @@ def default_configs(precision: int, block_r: int, itemsize: int, mode: str = "st
         if precision != F32_SPLIT16.value:
             return fallbacks
         # Float32 pairs take the step as two launches (two_launch_step), each with its own
-        # programs. H100, Llama-2-7B set: the Gram launch in 64-row tiles three stages deep at one
-        # 8-warp program per SM, 0.73 ms (the same four stages deep, 0.84–0.85 ms in 32-row tiles
-        # four or six deep, 1.75 ms at 16 warps); the gradients added into .grad by two 4-warp
-        # programs per SM on 64×64 tiles, 1.43 ms, against 1.65 ms for 32×128 tiles, 1.82 ms
-        # for 32×64, 1.89 ms for 16×128, 1.81 ms for 128×128 tiles at one 8-warp program, 2.34 ms
-        # for 64×128 at 8 warps, and 2.09–2.13 ms where a third stage or prefetched .grad tiles
-        # leave room for one program per SM.
+        # programs. H100, Llama-2-7B set: the Gram launch in 64-row tiles at one 8-warp program
+        # per SM, 0.73 ms three stages deep in items of 1024 rows (0.84–0.85 ms in 32-row tiles
+        # four or six deep, 1.75 ms at 16 warps), 0.67–0.68 ms four stages deep in items of
+        # 4096 rows (Llama-3-8B 0.72–0.73 against 0.77 ms; three stages alike, within the
+        # runs' spread): a program restarts its loop's pipeline and adds its sums once per item
+        # (2048 rows: 0.70 ms; 8192: 0.79 ms, the items fewer and uneven; two runs,
+        # bench/results/ortho-chunks-probe-*.txt); the gradients added into .grad
+        # by two 4-warp programs per SM on 64×64 tiles, 1.43 ms, against 1.65 ms for 32×128
+        # tiles, 1.82 ms for 32×64, 1.89 ms for 16×128, 1.81 ms for 128×128 tiles at one 8-warp
+        # program, 2.34 ms for 64×128 at 8 warps, and 2.09–2.13 ms where a third stage or
+        # prefetched .grad tiles leave room for one program per SM.
         if mode == "forward":
-            return [Config(64, 128, block_r, chunk, 1.0, 8, 3)] + fallbacks
+            return [Config(64, 128, block_r, 4096, 1.0, 8, 4)] + fallbacks
         return [Config(64, 64, 64, chunk, 1.0, 4, 2, programs_per_sm=2)] + fallbacks
     # Tiles of 4096 elements and two 4-warp programs per SM (both resident; ptxas spills under
     # 200 bytes): on an H100 (Llama-2-7B set, float32) r = 64 took 1.09 ms against 1.89 ms for
