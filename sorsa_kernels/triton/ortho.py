@@ -387,11 +387,9 @@ def _gram_item(item, mats, deviations, norms, inverses, arrivals, gram_stride, g
         block_b = tl.load(item + WORK_BLOCK_B)
     cols_a = block_a * BLOCK + tl.arange(0, BLOCK)
     cols_b = block_b * BLOCK + tl.arange(0, BLOCK)
-    # A diagonal block pair sums xᵀx (two split products), any other pair xaᵀxb (three).
-    if NUM_BLOCKS == 1:
-        acc, inverse = _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE, PRECISION,
-                                 BLOCK_L, BLOCK, True, ALIGNED, VEC)
-    elif block_a == block_b:
+    # A diagonal block pair sums xᵀx (two split products), any other pair xaᵀxb (three). With one
+    # block the pair is diagonal at compile time.
+    if block_a == block_b:
         acc, inverse = _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE, PRECISION,
                                  BLOCK_L, BLOCK, True, ALIGNED, VEC)
     else:
