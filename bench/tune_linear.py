@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sorsa_kernels import sorsa_linear  # noqa: E402
 from sorsa_kernels.benchmark.common import format_table, median_ms, peak_memory_mb, write_results  # noqa: E402
-from sorsa_kernels.benchmark.linear_products import precompile, step_products  # noqa: E402
+from sorsa_kernels.benchmark.linear_products import GRADIENT_PASS_PRODUCT, precompile, step_products  # noqa: E402
 
 SHAPES = ["4096x4096", "4096x11008", "11008x4096", "4096x14336", "4096x1024"]
 KERNELS = ["z", "y", "dU+dS", "g", "dx", "dVt"]
@@ -85,7 +85,9 @@ def measure(rows, in_features, out_features, rank, scale=0.5, device="cuda"):
     # Each launch of one step alone (the tuned configuration), on buffers of the step's shapes.
     for product in step_products(*(t.detach() for t in (x, weight, U, S, Vt, dy)), scale):
         row[product.name] = timed(product.launch)
-    row["sum"] = sum(row[name] for name in KERNELS)
+    # Where it applies, the step runs the tuned gradient_pass (one pass or dU+dS and g) in their place.
+    gradient = row.get(GRADIENT_PASS_PRODUCT)
+    row["sum"] = sum(row[name] for name in KERNELS) + (0 if gradient is None else gradient - row["dU+dS"] - row["g"])
 
     dense_peak, our_peak = peak_memory_mb(dense_step), peak_memory_mb(our_step)
     row["mem+ MB"] = None if dense_peak is None else our_peak - dense_peak

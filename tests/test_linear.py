@@ -278,6 +278,8 @@ def kernel_inputs(rows, in_features, out_features, rank, dtype, adapter_dtype):
         # GPU: bench-like bf16 under float32 adapters; rows and out one 16-row step past whole
         # tiles (edge tiles, partial K blocks, the same compiled kernels as the 4096 shapes).
         pytest.param(4112, 4096, 4112, 128, torch.bfloat16, marks=gpu, id="gpu-bf16"),
+        # The one-pass gradient (r <= 32).
+        pytest.param(8208, 256, 8208, 7, torch.bfloat16, marks=gpu, id="gpu-bf16-one-pass"),
         pytest.param(1000, 4095, 1027, 128, torch.float32, marks=gpu, id="gpu-fp32"),
         # Interpreter: 16-bit operands with 16-byte aligned rows take the TMA kernel, others not.
         pytest.param(96, 48, 40, 7, torch.float16, id="fp16-tma"),
@@ -293,7 +295,7 @@ def test_every_candidate_config(rows, in_features, out_features, rank, dtype):
     """Each configuration the tuner may choose computes each product right (against PyTorch in
     float32 on the same inputs; z and g, which come out rounded to x's dtype, to float32 accuracy
     before that rounding)."""
-    from sorsa_kernels.benchmark.linear_products import step_products
+    from sorsa_kernels.benchmark.linear_products import GRADIENT_PASS_PRODUCT, step_products
     from sorsa_kernels.triton import linear
 
     if DEVICE.type == "cpu" and rows > 100:
@@ -302,8 +304,9 @@ def test_every_candidate_config(rows, in_features, out_features, rank, dtype):
     x, _, U, _, Vt, dy = inputs
     scale = 0.75
     products = step_products(*inputs, scale)
-    # rank_down's products, rounded to x's dtype: checked element by element against float64.
-    rounded_sums = {"z": (x, Vt.T), "g": (dy, U)}
+    # rank_down's products (and gradient_pass's g), rounded to x's dtype: checked element by element
+    # against float64.
+    rounded_sums = {"z": (x, Vt.T), "g": (dy, U), GRADIENT_PASS_PRODUCT: (dy, U)}
     if dtype == torch.float16 and rows > linear.FEW_ROWS:
         assert any(c.tma for p in products for c in p.candidates), "the TMA kernel must be among the candidates"
     for product in products:

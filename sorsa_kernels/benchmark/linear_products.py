@@ -1,8 +1,8 @@
 """The six kernel launches of one ``sorsa_linear`` training step (and, for few rows, the
-one-launch forward of inference), each with its candidate configurations and a float32
-PyTorch reference: what the sweep times config by config, what tune_linear times alone, what
-the GPU test checks for every configuration and what the sm_90 compile check compiles (on meta
-tensors)."""
+one-launch forward of inference; where it applies, the one pass over dy that may stand for
+dU+dS and g), each with its candidate configurations and a float32 PyTorch reference: what the
+sweep times config by config, what tune_linear times alone, what the GPU test checks for every
+configuration and what the sm_90 compile check compiles (on meta tensors)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from sorsa_kernels.triton import linear as kernels
 
 # The name of the inference forward of few rows among the products (it may split its K loop).
 FEW_ROWS_PRODUCT = "y (few rows)"
+# The name of the backward's one pass over dy (g, dU and dS), where its configurations apply.
+GRADIENT_PASS_PRODUCT = "g+dU+dS"
 
 
 @dataclass
@@ -77,6 +79,10 @@ def step_products(x, weight, U, S, Vt, dy, scale, *, rank_zero=False) -> list[Pr
         dS.zero_()  # row_reduction adds into it
         return kernels.row_reduction(dy, z, S, dU, U, dS, c)
 
+    def gradient_pass(c):
+        dS.zero_()  # gradient_pass adds into it
+        return kernels.gradient_pass(dy, U, z, S, g, dU, dS, scale, c)
+
     gemm_flops = 2 * rows * in_features * out_features
     tail_flops = 0 if rank_zero else 2 * rows * rank * max(in_features, out_features)
     products = [
@@ -98,6 +104,13 @@ def step_products(x, weight, U, S, Vt, dy, scale, *, rank_zero=False) -> list[Pr
                 kernels.row_reduction_candidates(x, g), (dVt,), lambda: (dVt_reference(),),
                 rows * (in_features + rank) * size, 2 * rows * in_features * rank),
     ]  # fmt: skip
+    joint = kernels.gradient_pass_candidates(dy, U, joint_only=True)
+    if joint:  # g, dU and dS from one pass over dy, where it may replace the two launches before it
+        products.insert(4, Product(
+            GRADIENT_PASS_PRODUCT, gradient_pass, joint, (g, dU, dS),
+            lambda: (scale * (dy.to(acc) @ U.to(acc)), *dU_reference()),
+            rows * (out_features + 2 * rank) * size + rank * out_features * adapter, 6 * rows * out_features * rank,
+        ))  # fmt: skip
     if rows <= kernels.FEW_ROWS and x.dtype != torch.float64 and not rank_zero:
         # The no-grad forward of decode: y again, from x and the adapters in one launch.
         y_few = torch.empty_like(dy)
@@ -149,7 +162,7 @@ def meta_step_inputs(rows, in_features, out_features, rank, dtype, adapter_dtype
 
 
 def precompile(cases, *, sweep=False, workers=None) -> tuple[int, list[str]]:
-    """Compile, in parallel processes, every candidate launch of the six products for each case
+    """Compile, in parallel processes, every candidate launch of the step's products for each case
     ``(M, in, out, r, x dtype, adapter dtype)`` for this machine's GPU, into Triton's cache; with
     ``sweep`` also what bench/sweep_linear.py times besides (the GEMMs without the rank tail, and
     with the pointer kernel's configurations). Call it before this process initializes CUDA (it

@@ -17,6 +17,9 @@ generic kernels and one for decode, each launched through one function of this m
   operands whose rows are 16-byte aligned its blocks may also arrive by TMA (the tuner picks).
 * :func:`few_rows_forward`, the no-grad forward of at most :data:`FEW_ROWS` rows in one launch:
   programs that sum ``x Vtᵀ`` ahead of programs that multiply by the weight and then wait for it.
+* :func:`gradient_pass`, the backward's ``dU``, ``dS`` and ``g``: ``row_reduction`` and
+  ``rank_down`` over dy, or, where the tuner finds it faster (16-bit dy, r ≤ 32), one pass over
+  dy that computes all three with float atomics.
 
 The six products of one training step, with ``z`` and ``g`` kept scaled and rounded to x's dtype
 (every use of them rounds them so for the tensor cores; for 16-bit x that halves their memory)
@@ -25,8 +28,8 @@ tensor-core operand streams from memory as it is::
 
     forward   z  = scale·x Vtᵀ                     rank_down(x, Vtᵀ, scale)
               y  = x Wᵀ + z (U ⊙ S)ᵀ + bias        extended_matmul(x, Wᵀ, z, (U ⊙ S)ᵀ)
-    backward  dU = (dyᵀ z) ⊙ S, and dS            row_reduction(dy, z, S, w=U)
-              g  = scale·dy U                      rank_down(dy, U, scale)
+    backward  dU = (dyᵀ z) ⊙ S, and dS            row_reduction(dy, z, S, w=U)   } or both
+              g  = scale·dy U                      rank_down(dy, U, scale)        } gradient_pass
               dx = dy W + g (Vtᵀ ⊙ S)ᵀ             extended_matmul(dy, W, g, (Vtᵀ ⊙ S)ᵀ)
               dVt = (xᵀ g ⊙ S)ᵀ                    row_reduction(x, g, S), written transposed
 
@@ -58,7 +61,7 @@ The candidate lists are pruned to what compiles on an H100 without register spil
 offline for every configuration by tests/linear_hopper_compile.py); bench/sweep_linear.py times
 each of them. A configuration that splits a reduction accumulates with float atomics, so its last
 bits may vary from run to run; under ``torch.use_deterministic_algorithms(True)`` no reduction is
-split (dS, a sum over column tiles, still adds with atomics).
+split (dS, a sum over column tiles, still adds with atomics) and gradient_pass makes two launches.
 """
 
 from __future__ import annotations
@@ -149,7 +152,8 @@ class Config:
     with atomics into a zeroed output). ``tma`` picks :func:`extended_matmul`'s TMA kernel and
     ``persistent`` its grid of one program per SM. ``staged``: a skinny kernel's ``[·, r]``
     operand, wider than the streamed one, is rounded to the streamed dtype by a launch of its own
-    first (see :func:`_stage`)."""
+    first (see :func:`_stage`). ``joint``: :func:`gradient_pass` in one pass over dy (else its
+    two launches, each tuned)."""
 
     meta: tuple[tuple[str, object], ...]
     warps: int = 4
@@ -158,10 +162,11 @@ class Config:
     tma: bool = False
     persistent: bool = False
     staged: bool = False
+    joint: bool = False
 
     @staticmethod
-    def of(warps=4, stages=3, split=1, tma=False, persistent=False, staged=False, **meta):
-        return Config(tuple(meta.items()), warps, stages, split, tma, persistent, staged)
+    def of(warps=4, stages=3, split=1, tma=False, persistent=False, staged=False, joint=False, **meta):
+        return Config(tuple(meta.items()), warps, stages, split, tma, persistent, staged, joint)
 
     @functools.cached_property
     def kwargs(self) -> dict:
@@ -172,7 +177,7 @@ class Config:
         fields = [f"{k}={v}" for k, v in self.meta]
         fields += [f"warps={self.warps}", f"stages={self.stages}"]
         fields += [f"split={self.split}"] * (self.split > 1) + ["tma"] * self.tma + ["persistent"] * self.persistent
-        fields += ["staged"] * self.staged
+        fields += ["staged"] * self.staged + ["joint"] * self.joint
         return " ".join(fields)
 
 
@@ -1254,9 +1259,166 @@ def row_reduction_candidates(a, t, reduction: bool = False) -> list[Config]:
     )  # fmt: skip
 
 
+# ----------------------------------------------------------------------------------------------
+# gradient_pass: g = scale·dy U, dU = (dyᵀ z) ⊙ S and dS = Σ_o U ⊙ (dyᵀ z) from one read of dy
+
+
+@triton.jit
+def _gradient_pass_kernel(
+    dy_ptr, u_ptr, w_ptr, z_ptr, s_ptr, g_ptr, du_ptr, ds_ptr,
+    M, N, RANK, COLUMNS, scale_hi, scale_lo,
+    stride_dm, stride_dn, stride_un, stride_ur, stride_upart, stride_wn, stride_wr, stride_zm, stride_zr,
+    stride_gm, stride_gr, stride_dun, stride_dur,
+    RANK_PAD: tl.constexpr, HAS_S: tl.constexpr, HAS_REDUCTION: tl.constexpr, STAGED: tl.constexpr,
+    SPLIT: tl.constexpr, TILE: tl.constexpr, STEP: tl.constexpr,
+):  # fmt: skip
+    """TILE rows of dy against one range of COLUMNS of its columns: the rows' g summed over the
+    range (stored, or with SPLIT added into float32 sums that the ranges share), and each column
+    step's ``dyᵀ z`` added into the zeroed float32 dU (⊙ S) and, against w (U as it is), into dS.
+    With STAGED, u holds the wider U as its rounding and, ``stride_upart`` after it, the residue
+    (see :func:`_stage`); else u is U in dy's dtype."""
+    DTYPE: tl.constexpr = dy_ptr.dtype.element_ty
+    offs_m = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    in_rows = offs_m < M
+    rows = offs_m.to(tl.int64)
+    ranks = tl.arange(0, RANK_PAD)
+    in_rank = ranks < RANK
+    n_start = tl.program_id(1) * COLUMNS
+    n_end = tl.minimum(n_start + COLUMNS, N)
+    row_mask = in_rows[:, None] & in_rank[None, :]
+    z = tl.load(z_ptr + rows[:, None] * stride_zm + ranks[None, :] * stride_zr, mask=row_mask, other=0.0).to(DTYPE)
+    if HAS_S:
+        s = tl.load(s_ptr + ranks, mask=in_rank, other=0.0).to(tl.float32)
+    g = tl.zeros((TILE, RANK_PAD), dtype=tl.float32)
+    red = tl.zeros((STEP, RANK_PAD), dtype=tl.float32)  # reduced across its rows once, at the end
+    for n in range(n_start, n_end, STEP):
+        cols = n + tl.arange(0, STEP)
+        col_mask = (cols < n_end)[:, None] & in_rank[None, :]
+        d = tl.load(dy_ptr + rows[:, None] * stride_dm + cols[None, :] * stride_dn,
+                    mask=in_rows[:, None] & (cols < n_end)[None, :], other=0.0)  # fmt: skip
+        u_ptrs = u_ptr + cols[:, None] * stride_un + ranks[None, :] * stride_ur
+        g = tl.dot(d, tl.load(u_ptrs, mask=col_mask, other=0.0).to(DTYPE), g)
+        if STAGED:
+            g = tl.dot(d, tl.load(u_ptrs + stride_upart, mask=col_mask, other=0.0), g)
+        # Each step's product over the block's rows starts from zero and the atomics add it into
+        # dU in round-to-nearest: no tensor-core sum chains across blocks of rows (tensor cores
+        # truncate a chained float32 sum).
+        part = tl.dot(tl.trans(d), z)
+        if HAS_REDUCTION:
+            w = tl.load(w_ptr + cols[:, None] * stride_wn + ranks[None, :] * stride_wr, mask=col_mask, other=0.0)
+            red += part * w.to(tl.float32)
+        if HAS_S:
+            part *= s[None, :]
+        tl.atomic_add(du_ptr + cols[:, None] * stride_dun + ranks[None, :] * stride_dur, part, mask=col_mask,
+                      sem="relaxed")  # fmt: skip
+    if HAS_REDUCTION:
+        tl.atomic_add(ds_ptr + ranks, tl.sum(red, axis=0), mask=in_rank, sem="relaxed")
+    g *= _scale(scale_hi, scale_lo, g.dtype)
+    g_ptrs = g_ptr + rows[:, None] * stride_gm + ranks[None, :] * stride_gr
+    if SPLIT:
+        tl.atomic_add(g_ptrs, g, mask=row_mask, sem="relaxed")
+    else:
+        tl.store(g_ptrs, g.to(g_ptr.dtype.element_ty), mask=row_mask)
+
+
+def gradient_pass(dy, U, z, S, g, dU, dS=None, scale: float = 1.0, config: Config | None = None):
+    """The backward's two products over dy: ``g = scale·dy U`` (rounded to g's dtype once),
+    ``dU = (dyᵀ z) ⊙ S`` and, with dS (zeroed by the caller), ``dS += Σ_o U ⊙ (dyᵀ z)``.
+
+    dy ``[M, N]``, U ``[N, r]``, z ``[M, r]``, S ``[r]`` or ``None``, g ``[M, r]``, dU ``[N, r]``
+    and dS ``[r]`` in dy's accumulation dtype; any strides. The tuner chooses between
+    :func:`rank_down` and :func:`row_reduction` (two reads of dy) and, for 16-bit dy at r ≤ 32
+    where reductions may use atomics (see :data:`_GRADIENT_PASS_RANK`), one pass that computes
+    both: each program takes a block of rows and a range of columns, sums its rows' g and adds
+    each column step's part of dU and dS with float atomics, whose count grows with the rank.
+    ``config`` overrides the tuned choice (see :func:`gradient_pass_candidates`).
+    """
+    tensors = (dy, U, z, S, g, dU, dS)
+
+    def tuning_key():
+        rows, columns = dy.shape
+        return ("gradient", dy.get_device(), dy.dtype, U.dtype, _row_bucket(rows), columns, U.shape[1],
+                _aligned(dy, dy.stride()), dS is None)  # fmt: skip
+
+    _launch("gradient", tensors, lambda c: _gradient_pass_plan(*tensors, scale, c), tuning_key,
+            lambda: gradient_pass_candidates(dy, U), config, None if dS is None else dS.zero_, scale=scale)  # fmt: skip
+
+
+def _gradient_pass_plan(dy, U, z, S, g, dU, dS, scale, config: Config):
+    """``plan(dy, U, z, S, g, dU, dS)``: ``config``'s launches for tensors laid out as these."""
+    if not config.joint:
+
+        def two_launches(dy, U, z, S, g, dU, dS):
+            row_reduction(dy, z, S, dU, w=None if dS is None else U, red=dS)
+            rank_down(dy, U, g, scale)
+
+        return two_launches
+    rows, columns = dy.shape
+    rank = U.shape[1]
+    meta = config.kwargs
+    span = _cdiv(_cdiv(columns, config.split), meta["STEP"]) * meta["STEP"]
+    ranges = _cdiv(columns, span)
+    staged = _stageable(dy, U)
+    launch = KernelLaunch(
+        _gradient_pass_kernel, (_cdiv(rows, meta["TILE"]), ranges), RANK_PAD=_rank_pad(rank), HAS_S=S is not None,
+        HAS_REDUCTION=dS is not None, STAGED=staged, SPLIT=ranges > 1, **meta,
+    )  # fmt: skip
+    stage, u_strides = _stage(U, dy.dtype, 2) if staged else (None, (*U.stride(), 0))
+    scalars = (rows, columns, rank, span, *_float32_pair(scale), *dy.stride(), *u_strides, *U.stride(), *z.stride())
+    # Ranges of columns add their parts of g into float32 sums, rounded into g after.
+    round_sums = _rounding(g.shape, (rank, 1), g.stride(), 0, 1, False) if ranges > 1 else None
+
+    def plan(dy, U, z, S, g, dU, dS):
+        u = stage(U) if stage else U
+        dU.zero_()
+        if round_sums:
+            sums = g.new_zeros((rows, rank), dtype=dU.dtype)
+            launch(dy, u, U, z, S, sums, dU, dS, *scalars, rank, 1, *dU.stride())
+            round_sums(sums, None, g)
+        else:
+            launch(dy, u, U, z, S, g, dU, dS, *scalars, *g.stride(), *dU.stride())
+
+    return plan
+
+
+# (tile, step, warps, stages) of the one-pass gradient (the fastest of a wider sweep of tiles in an
+# earlier version of bench/probe_dy_pass.py, H100) and the ranges of dy's columns each block of
+# rows may be cut into (g's sums then split).
+_GRADIENT_PASS_BLOCKS = [(128, 128, 8, 3), (128, 64, 4, 3), (64, 128, 4, 3)]
+_GRADIENT_PASS_SPLITS = (1, 4, 8)
+_INTERPRETER_GRADIENT_PASS_BLOCKS = [(32, 16, 4, 1)]
+_INTERPRETER_GRADIENT_PASS_SPLITS = (1, 2)
+# The widest padded rank the one pass serves: its atomics grow with the rank, and it was measured
+# faster up to here (H100, each configuration planned once and timed alone, bench/probe_dy_pass.py,
+# raw output in bench/results/gradient-pass-*.txt). r = 16: 16384 rows by 11008
+# columns 165 against 265 µs for the two launches, by 4096 columns 75 against 111, 4096 by 4096
+# 35 against 44; r = 32, 16384 by 11008: 204 against 271. Wider ranks were not timed so.
+_GRADIENT_PASS_RANK = 32
+
+
+def gradient_pass_candidates(dy, U, joint_only: bool = False) -> list[Config]:
+    """The configurations :func:`gradient_pass` chooses among: its two launches first (chosen
+    untuned), then the one-pass ones where they apply (``joint_only``: those alone)."""
+    configs = [] if joint_only else [Config.of()]
+    if (dy.element_size() != 2 or _rank_pad(U.shape[1]) > _GRADIENT_PASS_RANK
+            or torch.are_deterministic_algorithms_enabled() or not _aligned(dy, dy.stride())):  # fmt: skip
+        return configs
+    if _triton_interpreted():
+        blocks, splits = _INTERPRETER_GRADIENT_PASS_BLOCKS, _INTERPRETER_GRADIENT_PASS_SPLITS
+    else:
+        blocks, splits = _GRADIENT_PASS_BLOCKS, _GRADIENT_PASS_SPLITS
+    columns = dy.shape[1]
+    for tile, step, warps, stages in blocks:
+        configs += [
+            Config.of(warps, stages, split, joint=True, TILE=tile, STEP=step)
+            for split in splits if split == 1 or columns >= split * step
+        ]  # fmt: skip
+    return configs
+
+
 # Every kernel of the module (offline compilation captures their launches).
 KERNELS = (_extended_matmul_kernel, _extended_matmul_tma_kernel, _round_kernel, _rank_down_kernel,
-           _row_reduction_kernel, _row_reduction_tma_kernel, _few_rows_forward_kernel)
+           _row_reduction_kernel, _row_reduction_tma_kernel, _few_rows_forward_kernel, _gradient_pass_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1314,35 +1476,38 @@ def backward(dy, x, z, weight, U, S, Vt, scale, needs):
 def _backward(dy, x, z, weight, U, S, Vt, scale, needs):
     # With z and g = scale·dy U both in dy's dtype: dU = (dyᵀ z) ⊙ S, dS = Σ_o U ⊙ (dyᵀ z),
     # dx = dy W + g (Vt ⊙ S), dVt = (xᵀ g ⊙ S)ᵀ. Beside z the step keeps g alone (and, where
-    # rank_down splits, its float32 sums): at most 4·M·r elements of x's dtype in all.
+    # g's sum splits, its float32 sums): at most 4·M·r elements of x's dtype in all.
     need_dx, need_dU, need_dS, need_dVt = needs
     need_dS = need_dS and S is not None
     acc = accumulation_dtype(dy.dtype)
     rows, rank = z.shape
     S = _contiguous(S)
     dx = dU = dS = dVt = None
-    if need_dU or need_dS:
-        dU_acc = U.new_empty(U.shape, dtype=acc)
-        dS_acc = S.new_zeros(S.shape, dtype=acc) if need_dS else None
-        if rows == 0:
+    dU_acc = U.new_empty(U.shape, dtype=acc) if need_dU or need_dS else None
+    dS_acc = S.new_zeros(S.shape, dtype=acc) if need_dS else None
+    g = _rank_buffer(dy, rows, rank) if need_dx or need_dVt else None
+    if rows == 0:
+        if dU_acc is not None:
             dU_acc.zero_()
-        else:
-            row_reduction(dy, z, S, dU_acc, w=U if need_dS else None, red=dS_acc)
-        dU = dU_acc.to(U.dtype) if need_dU else None
-        dS = dS_acc.to(S.dtype) if need_dS else None
-    if need_dx or need_dVt:
-        g = _rank_buffer(dy, rows, rank)
+    elif dU_acc is not None and g is not None:
+        gradient_pass(dy, U, z, S, g, dU_acc, dS_acc, scale)
+    elif dU_acc is not None:
+        row_reduction(dy, z, S, dU_acc, w=U if need_dS else None, red=dS_acc)
+    elif g is not None:
+        rank_down(dy, U, g, scale)
+    if need_dU:
+        dU = dU_acc.to(U.dtype)
+    if need_dS:
+        dS = dS_acc.to(S.dtype)
+    if need_dx:
+        dx = x.new_empty(x.shape)
         if rows > 0:
-            rank_down(dy, U, g, scale)
-        if need_dx:
-            dx = x.new_empty(x.shape)
-            if rows > 0:
-                extended_matmul(dy, weight, g, scaled_columns(Vt.T, S, dy.dtype).T, None, dx)
-        if need_dVt:
-            dVt_acc = Vt.new_empty(Vt.shape, dtype=acc)
-            if rows == 0:
-                dVt_acc.zero_()
-            else:
-                row_reduction(x, g, S, dVt_acc.T)
-            dVt = dVt_acc.to(Vt.dtype)
+            extended_matmul(dy, weight, g, scaled_columns(Vt.T, S, dy.dtype).T, None, dx)
+    if need_dVt:
+        dVt_acc = Vt.new_empty(Vt.shape, dtype=acc)
+        if rows == 0:
+            dVt_acc.zero_()
+        else:
+            row_reduction(x, g, S, dVt_acc.T)
+        dVt = dVt_acc.to(Vt.dtype)
     return dx, dU, dS, dVt
