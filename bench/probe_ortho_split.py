@@ -2,8 +2,9 @@
 .grad), each timed alone under several configurations, beside the default step, for the
 Llama-2-7B and Llama-3-8B adapter sets at r = 128 (``--r16``: r = 16; ``--chunks``: r = 128, the
 two launches under work items of several sizes). What chose ``two_launch_step`` and the per-mode
-defaults of ``sorsa_kernels.triton.ortho``; raw output in ``bench/results/ortho-split-probe-*.txt``.
-``python bench/probe_ortho_split.py [--r16 | --chunks]`` on a GPU."""
+defaults of ``sorsa_kernels.triton.ortho``; raw output in ``bench/results/ortho-split-probe-*.txt``
+(``--chunks``: ``ortho-chunks-probe-*.txt``). ``python bench/probe_ortho_split.py [--r16 | --chunks]``
+on a GPU."""
 
 import dataclasses
 import functools
@@ -113,8 +114,7 @@ def main():
                     T.two_launch_step = two_launch_step
                     label = (
                         f"{phase} c{config.chunk_rows} g{config.gram_rows} d{config.gradient_rows} n{config.block_n} "
-                        f"gb{config.gram_block} "
-                        f"w{config.num_warps} s{config.num_stages} pps{config.programs_per_sm} "
+                        f"gb{config.gram_block} w{config.num_warps} s{config.num_stages} pps{config.programs_per_sm} "
                         f"os{config.output_stages} #{round_}"
                     )
                     rows.append((label, ms))
