@@ -1334,6 +1334,9 @@ def gradient_pass(dy, U, z, S, g, dU, dS=None, scale: float = 1.0, config: Confi
     ``config`` overrides the tuned choice (see :func:`gradient_pass_candidates`).
     """
     tensors = (dy, U, z, S, g, dU, dS)
+    if config is None and not _one_pass_applies(dy, U):  # nothing to choose, no plan to look up
+        _two_launches(*tensors, scale)
+        return
 
     def tuning_key():
         rows, columns = dy.shape
@@ -1347,12 +1350,7 @@ def gradient_pass(dy, U, z, S, g, dU, dS=None, scale: float = 1.0, config: Confi
 def _gradient_pass_plan(dy, U, z, S, g, dU, dS, scale, config: Config):
     """``plan(dy, U, z, S, g, dU, dS)``: ``config``'s launches for tensors laid out as these."""
     if not config.joint:
-
-        def two_launches(dy, U, z, S, g, dU, dS):
-            row_reduction(dy, z, S, dU, w=None if dS is None else U, red=dS)
-            rank_down(dy, U, g, scale)
-
-        return two_launches
+        return functools.partial(_two_launches, scale=scale)
     rows, columns = dy.shape
     rank = U.shape[1]
     meta = config.kwargs
@@ -1381,6 +1379,11 @@ def _gradient_pass_plan(dy, U, z, S, g, dU, dS, scale, config: Config):
     return plan
 
 
+def _two_launches(dy, U, z, S, g, dU, dS, scale):
+    row_reduction(dy, z, S, dU, w=None if dS is None else U, red=dS)
+    rank_down(dy, U, g, scale)
+
+
 # (tile, step, warps, stages) of the one-pass gradient (the fastest of a wider sweep of tiles in an
 # earlier version of bench/probe_dy_pass.py, H100) and the ranges of dy's columns each block of
 # rows may be cut into (g's sums then split).
@@ -1396,12 +1399,17 @@ _INTERPRETER_GRADIENT_PASS_SPLITS = (1, 2)
 _GRADIENT_PASS_RANK = 32
 
 
+def _one_pass_applies(dy, U) -> bool:
+    """Whether :func:`gradient_pass` has one-pass configurations for these operands."""
+    return (dy.element_size() == 2 and _rank_pad(U.shape[1]) <= _GRADIENT_PASS_RANK
+            and not torch.are_deterministic_algorithms_enabled() and _aligned(dy, dy.stride()))  # fmt: skip
+
+
 def gradient_pass_candidates(dy, U, joint_only: bool = False) -> list[Config]:
     """The configurations :func:`gradient_pass` chooses among: its two launches first (chosen
     untuned), then the one-pass ones where they apply (``joint_only``: those alone)."""
     configs = [] if joint_only else [Config.of()]
-    if (dy.element_size() != 2 or _rank_pad(U.shape[1]) > _GRADIENT_PASS_RANK
-            or torch.are_deterministic_algorithms_enabled() or not _aligned(dy, dy.stride())):  # fmt: skip
+    if not _one_pass_applies(dy, U):
         return configs
     if _triton_interpreted():
         blocks, splits = _INTERPRETER_GRADIENT_PASS_BLOCKS, _INTERPRETER_GRADIENT_PASS_SPLITS
