@@ -2,7 +2,7 @@
 
 From the repository root, with the package importable (installed, or ``PYTHONPATH=.``)::
 
-    python bench/host_linear.py [--profile]
+    python bench/host_linear.py [--profile | --launches]
 
 ``host`` is the Python time per call measured without waiting for the GPU, ``wall`` the same
 with the GPU's work included: where they agree, the GPU waits on the host. The launch rows time
@@ -11,9 +11,13 @@ one tiny ``rank_down`` (64×256 by 256×16) through our launch function, through
 arguments); the step rows time a forward + backward (and a no-grad forward) of a small and of a
 4096-token layer against ``F.linear`` alone. ``--profile`` instead prints where the host time
 of those steps goes: cProfile of the forward + backward, run on the calling thread (autograd's
-device threads are invisible to a profiler started on this one).
+device threads are invisible to a profiler started on this one). ``--launches`` times the 4096-token
+step's parts from the inside (the forward call, the backward call, each kernel's launches) and the
+dense step, with the backward on autograd's device thread (torch's default) and on the calling
+thread.
 """
 
+import collections
 import cProfile
 import pstats
 import sys
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import sorsa_kernels as sk
+from sorsa_kernels.triton import common
 from sorsa_kernels.triton import linear as kernels
 
 DEVICE = "cuda"
@@ -66,13 +71,19 @@ def launch_rows():
     }
 
 
-def step_rows(rows, in_features, out_features, rank):
+def layer(rows, in_features, out_features, rank):
+    """``(x, weight, U, S, Vt, dy)`` of one layer's step: bfloat16 activations, float32 adapters."""
     x = torch.randn(rows, in_features, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
     weight = torch.randn(out_features, in_features, device=DEVICE, dtype=torch.bfloat16)
     U = torch.randn(out_features, rank, device=DEVICE, requires_grad=True)
     S = torch.randn(rank, device=DEVICE, requires_grad=True)
     Vt = torch.randn(rank, in_features, device=DEVICE, requires_grad=True)
     dy = torch.randn(rows, out_features, device=DEVICE, dtype=torch.bfloat16)
+    return x, weight, U, S, Vt, dy
+
+
+def step_rows(rows, in_features, out_features, rank):
+    x, weight, U, S, Vt, dy = layer(rows, in_features, out_features, rank)
 
     def ours():
         sk.sorsa_linear(x, weight, U, S, Vt, None, 0.5, backend="triton").backward(dy)
@@ -107,10 +118,54 @@ def profile(calls=300):
         stats.sort_stats("cumulative").print_stats(35)
 
 
+def launches(calls=300):
+    """Host time of a step's parts at 4096×4096→1024, r = 16, with the backward on autograd's
+    device thread (torch's default for CUDA tensors) and on the calling thread: the forward call,
+    the backward call, each kernel's launches (timed around ``KernelLaunch.__call__``) and, for
+    comparison, the dense step."""
+    x, weight, U, S, Vt, dy = layer(4096, 4096, 1024, 16)
+    per_kernel = collections.defaultdict(lambda: [0.0, 0])
+    launch = common.KernelLaunch.__call__
+
+    def timed_launch(self, *arguments):
+        start = time.perf_counter()
+        launch(self, *arguments)
+        entry = per_kernel[self.kernel.fn.__name__]
+        entry[0] += time.perf_counter() - start
+        entry[1] += 1
+
+    common.KernelLaunch.__call__ = timed_launch
+    try:
+        for device_thread in (True, False, True, False):
+            with torch.autograd.set_multithreading_enabled(device_thread):
+                sk.sorsa_linear(x, weight, U, S, Vt, None, 0.5, backend="triton").backward(dy)  # tuned and planned
+                torch.cuda.synchronize()
+                per_kernel.clear()
+                forward = backward = 0.0
+                for _ in range(calls):
+                    start = time.perf_counter()
+                    y = sk.sorsa_linear(x, weight, U, S, Vt, None, 0.5, backend="triton")
+                    middle = time.perf_counter()
+                    y.backward(dy)
+                    forward, backward = forward + middle - start, backward + time.perf_counter() - middle
+                torch.cuda.synchronize()
+                dense, _ = host_and_wall_us(lambda: F.linear(x, weight).backward(dy), calls)
+            where = "autograd's device thread" if device_thread else "the calling thread"
+            print(f"M=4096 4096->1024 r=16, backward on {where}: host us a step: forward {forward / calls * 1e6:.1f}, "
+                  f"backward {backward / calls * 1e6:.1f}; dense step {dense:.1f}; launches a step:")  # fmt: skip
+            for kernel, (seconds, count) in sorted(per_kernel.items()):
+                print(f"  {kernel:32s} {count / calls:4.1f} launches  {seconds / calls * 1e6:7.1f} us")
+    finally:
+        common.KernelLaunch.__call__ = launch
+
+
 def main():
     print(torch.cuda.get_device_name())
     if "--profile" in sys.argv[1:]:
         profile()
+        return
+    if "--launches" in sys.argv[1:]:
+        launches()
         return
     for name, fn in launch_rows().items():
         host, wall = host_and_wall_us(fn)

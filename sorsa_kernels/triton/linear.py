@@ -1395,7 +1395,9 @@ _INTERPRETER_GRADIENT_PASS_SPLITS = (1, 2)
 # faster up to here (H100, each configuration planned once and timed alone, bench/probe_dy_pass.py,
 # raw output in bench/results/gradient-pass-*.txt). r = 16: 16384 rows by 11008
 # columns 165 against 265 µs for the two launches, by 4096 columns 75 against 111, 4096 by 4096
-# 35 against 44; r = 32, 16384 by 11008: 204 against 271. Wider ranks were not timed so.
+# 35 against 44; r = 32, 16384 by 11008: 204 against 271. Slower above (raw output in
+# bench/results/tma-reduce-probe-*.txt): r = 64, 16384 by 11008, 301 against 278; r = 128 505
+# against 320, and 4096 by 4096 71 against 66.
 _GRADIENT_PASS_RANK = 32
 
 
