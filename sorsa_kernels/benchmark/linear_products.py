@@ -75,11 +75,11 @@ def step_products(x, weight, U, S, Vt, dy, scale, *, rank_zero=False) -> list[Pr
     def dVt_reference():
         return (x.to(acc).T @ (dy.to(acc) @ U.to(acc) * scale) * S.to(acc)).T
 
-    def reduction(c):
+    def reduction(c=None):
         dS.zero_()  # row_reduction adds into it
         return kernels.row_reduction(dy, z, S, dU, U, dS, c)
 
-    def gradient_pass(c):
+    def gradient_pass(c=None):
         dS.zero_()  # gradient_pass adds into it
         return kernels.gradient_pass(dy, U, z, S, g, dU, dS, scale, c)
 
