@@ -3,11 +3,13 @@
 For each shape: the device time of each kernel of ``F.linear`` and of ``sorsa_linear``'s forward
 (no grad) from the profiler, and both calls replayed from CUDA graphs as the linear bench times
 them; then the one-launch inference forward (``few_rows_forward``) with each of its candidate
-tiles forced in turn (at M = 1 also a few other tiles), and the tiles the tuner chose.
-``python bench/probe_decode.py`` on a GPU, from the repository root; raw output in
+tiles forced in turn (at M = 1 also a few other tiles), and the tiles the tuner chose. Beside the candidates, a few other tiles (those of at most max(16, M) rows),
+unsplit and split in two and four.
+``python bench/probe_decode.py [--shapes MxINxOUT ...]`` on a GPU, from the repository root; raw output in
 ``bench/results/decode-probe-*.txt``.
 """
 
+import argparse
 import collections
 
 import torch
@@ -22,7 +24,8 @@ from sorsa_kernels.triton import linear
 SHAPES = [(1, 4096, 4096), (1, 4096, 1024), (1, 4096, 11008), (1, 11008, 4096), (64, 4096, 4096), (64, 4096, 1024)]
 RANK = 128
 # Tiles beside the candidates, timed to see what the candidates miss (not checked for spills).
-EXPLORED = [(16, 16, 256, 4, 4), (16, 32, 256, 8, 4), (16, 32, 512, 4, 3), (16, 64, 256, 4, 3), (16, 32, 128, 4, 8)]
+EXPLORED = [(16, 16, 256, 4, 4), (16, 32, 256, 8, 4), (16, 32, 512, 4, 3), (16, 64, 256, 4, 3), (16, 32, 128, 4, 8),
+            (32, 32, 128, 4, 4), (64, 32, 128, 4, 4), (64, 32, 256, 4, 3), (64, 32, 64, 4, 6)]
 
 
 def kernel_us(fn, calls=20) -> dict[str, float]:
@@ -55,8 +58,11 @@ def probe(rows, in_features, out_features):
         for kernel, us in kernel_us(fn).items():
             print(f"    {us:7.2f} us  {kernel}")
     y = torch.empty(rows, out_features, device=device, dtype=x.dtype)
-    explored = [linear.Config.of(w, s, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8) for m, n, k, w, s in EXPLORED]
-    for config in linear.few_rows_candidates(x, weight, y) + explored * (rows == 1):
+    explored = [
+        linear.Config.of(w, s, split, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8)
+        for m, n, k, w, s in EXPLORED if m <= max(16, rows) for split in (1, 2, 4)
+    ]  # fmt: skip
+    for config in linear.few_rows_candidates(x, weight, y) + explored:
         graphed = _graphed(lambda c=config: linear.few_rows_forward(x, weight, U, S, Vt, None, 2.0, y, c))
         print(f"  few_rows_forward [{config}]: graph {median_ms(graphed) * 1e3:.1f} us")
     chosen = [str(c) for key, c in linear._chosen.items() if key[0] == "few" and key[5:7] == (out_features, RANK)]
@@ -64,9 +70,12 @@ def probe(rows, in_features, out_features):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=[f"{m}x{i}x{o}" for m, i, o in SHAPES], help="MxINxOUT")
+    args = parser.parse_args()
     print(torch.cuda.get_device_name(), f"torch {torch.__version__}")
-    for shape in SHAPES:
-        probe(*shape)
+    for shape in args.shapes:
+        probe(*map(int, shape.split("x")))
 
 if __name__ == "__main__":
     main()
