@@ -3,10 +3,10 @@
 For each shape: the device time of each kernel of ``F.linear`` and of ``sorsa_linear``'s forward
 (no grad) from the profiler, and both calls replayed from CUDA graphs as the linear bench times
 them; then the one-launch inference forward (``few_rows_forward``) with each of its candidate
-tiles forced in turn (at M = 1 also a few other tiles), and the tiles the tuner chose. Beside the candidates, a few other tiles (those of at most max(16, M) rows),
-unsplit and split in two and four.
-``python bench/probe_decode.py [--shapes MxINxOUT ...]`` on a GPU, from the repository root; raw output in
-``bench/results/decode-probe-*.txt``.
+tiles forced in turn, then a few other tiles (those of at most max(16, M) rows, unsplit and split
+in two and four), and the tiles the tuner chose.
+``python bench/probe_decode.py [--shapes MxINxOUT ...]`` on a GPU, from the repository root; raw
+output in ``bench/results/decode-probe-*.txt`` (before 2026-11-24 the other tiles ran at M = 1 only).
 """
 
 import argparse
