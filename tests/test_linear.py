@@ -295,7 +295,7 @@ def test_every_candidate_config(rows, in_features, out_features, rank, dtype):
     """Each configuration the tuner may choose computes each product right (against PyTorch in
     float32 on the same inputs; z and g, which come out rounded to x's dtype, to float32 accuracy
     before that rounding)."""
-    from sorsa_kernels.benchmark.linear_products import GRADIENT_PASS_PRODUCT, step_products
+    from sorsa_kernels.benchmark.linear_products import FEW_ROWS_PRODUCT, GRADIENT_PASS_PRODUCT, step_products
     from sorsa_kernels.triton import linear
 
     if DEVICE.type == "cpu" and rows > 100:
@@ -307,8 +307,10 @@ def test_every_candidate_config(rows, in_features, out_features, rank, dtype):
     # rank_down's products (and gradient_pass's g), rounded to x's dtype: checked element by element
     # against float64.
     rounded_sums = {"z": (x, Vt.T), "g": (dy, U), GRADIENT_PASS_PRODUCT: (dy, U)}
-    if dtype == torch.float16 and rows > linear.FEW_ROWS:
-        assert any(c.tma for p in products for c in p.candidates), "the TMA kernel must be among the candidates"
+    if dtype == torch.float16:  # the TMA GEMM of many rows, or the TMA tiles of the few-row forward
+        forward = FEW_ROWS_PRODUCT if rows <= linear.FEW_ROWS else "y"
+        tiles = [c for p in products if p.name == forward for c in p.candidates]
+        assert any(c.tma for c in tiles), f"{forward}: TMA tiles must be among the candidates"
     for product in products:
         references = product.reference()
         tolerance = 1e-4 if product.name in ("z", "g") or dtype == torch.float32 else TOLERANCE[dtype]

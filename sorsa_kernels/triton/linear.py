@@ -16,7 +16,8 @@ generic kernels and one for decode, each launched through one function of this m
   ``Σ_p out_raw ⊙ w`` into an ``[r]`` vector (how dS is obtained, see below). For 16-bit
   operands whose rows are 16-byte aligned its blocks may also arrive by TMA (the tuner picks).
 * :func:`few_rows_forward`, the no-grad forward of at most :data:`FEW_ROWS` rows in one launch:
-  programs that sum ``x Vtᵀ`` ahead of programs that multiply by the weight and then wait for it.
+  programs that sum ``x Vtᵀ`` ahead of programs that multiply by the weight (its tiles read by
+  pointers or, for 16-bit rows 16-byte aligned, by TMA) and then wait for it.
 * :func:`gradient_pass`, the backward's ``dU``, ``dS`` and ``g``: ``row_reduction`` and
   ``rank_down`` over dy, or, where the tuner finds it faster (16-bit dy, r ≤ 32), one pass over
   dy that computes all three with float atomics.
@@ -948,13 +949,13 @@ _DOWN_ROWS = 16
 
 @triton.jit
 def _few_rows_forward_kernel(
-    x_ptr, w_ptr, vt_ptr, s_ptr, u_ptr, bias_ptr, t_ptr, sums_ptr, done_ptr, y_ptr,
+    x_ptr, w_ptr, x_desc, w_desc, vt_ptr, s_ptr, u_ptr, bias_ptr, t_ptr, sums_ptr, done_ptr, y_ptr,
     M, N, K, RANK, scale_hi, scale_lo, DOWN_SPLIT,
     SPLIT,  # runtime: programs sharing each tile's K loop (1 is specialized, without the sums)
     stride_xm, stride_xk, stride_wk, stride_wn, stride_vk, stride_vr, stride_un, stride_ur, stride_ym, stride_yn,
     HAS_BASE: tl.constexpr, HAS_S: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr, RANK_PAD: tl.constexpr, DOWN_ROWS: tl.constexpr, DOWN_STEP: tl.constexpr,
-    TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr,
+    TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """``y = x Wᵀ + t Uᵀ + bias`` with ``t = scale·(x Vtᵀ) ⊙ S``. The first
@@ -964,7 +965,9 @@ def _few_rows_forward_kernel(
     ``sums [M, N]``, the tile's last program to count itself in ``done[1 + tile]`` going on with
     the whole), then waits for t's count before the rank tail. A program waits only on programs
     of lower ids, which the GPU starts first, so the wait ends (as in single-pass scans); it is
-    normally over before it begins, the tile's main loop taking longer than the whole of t."""
+    normally over before it begins, the tile's main loop taking longer than the whole of t.
+    With TMA the tile's x and W blocks arrive by TMA from ``x_desc`` ``[M, K]`` and ``w_desc``
+    ``[N, K]`` (out-of-range reads are zeros) instead of pointer loads."""
     pid = tl.program_id(0)
     producers = tl.cdiv(M, DOWN_ROWS) * DOWN_SPLIT
     ranks = tl.arange(0, RANK_PAD)
@@ -991,9 +994,14 @@ def _few_rows_forward_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if HAS_BASE:
             k_start, k_end = _split_range(K, (pid - producers) % SPLIT, SPLIT, BLOCK_K)
-            acc = _base_sum(acc, x_ptr + k_start * stride_xk, w_ptr + k_start * stride_wk, rows, cols,
-                            k_end - k_start, stride_xm, stride_xk, stride_wk, stride_wn, PRECISION, EVEN_K,
-                            BLOCK_K)  # fmt: skip
+            if TMA:
+                for k in range(k_start, k_end, BLOCK_K):
+                    a = x_desc.load([pid_m * BLOCK_M, k])
+                    acc = _multiply_accumulate(acc, a, w_desc.load([pid_n * BLOCK_N, k]).T, PRECISION)
+            else:
+                acc = _base_sum(acc, x_ptr + k_start * stride_xk, w_ptr + k_start * stride_wk, rows, cols,
+                                k_end - k_start, stride_xm, stride_xk, stride_wk, stride_wn, PRECISION, EVEN_K,
+                                BLOCK_K)  # fmt: skip
         if SPLIT == 1:
             _finish_tile(acc, done_ptr, producers, t_ptr, u_ptr, bias_ptr, y_ptr, offs_m, offs_n, rows, cols, M, N,
                          RANK, stride_un, stride_ur, stride_ym, stride_yn, HAS_BIAS, PRECISION, TAIL_K,
@@ -1037,11 +1045,18 @@ def few_rows_forward(x, weight, U, S, Vt, bias, scale, y, config: Config | None 
 
     def tuning_key():
         return ("few", x.get_device(), x.dtype, U.dtype, _row_bucket(x.shape[0]), *U.shape, x.shape[1], weight is None,
-                _aligned(x, x.stride()))  # fmt: skip
+                _aligned(x, x.stride()), _few_rows_tma(x, weight))  # fmt: skip
 
     _launch("few", tensors, lambda c: _few_rows_plan(*tensors, scale, c), tuning_key,
             lambda: few_rows_candidates(x, weight, y), config, scale=scale)  # fmt: skip
     return y
+
+
+def _few_rows_tma(x, weight) -> bool:
+    """Whether :func:`few_rows_forward` may read x and the weight by TMA (as ``[M, K]`` and
+    ``[N, K]``: 16-bit, one dtype, rows 16-byte aligned)."""
+    return (HAS_TMA and weight is not None and x.element_size() == 2 and weight.dtype == x.dtype
+            and _tma_ready(x, x.stride()) and _tma_ready(weight, weight.stride()))  # fmt: skip
 
 
 def _down_split(steps: int, row_tiles: int, device) -> int:
@@ -1068,8 +1083,14 @@ def _few_rows_plan(x, weight, U, S, Vt, bias, y, scale, config: Config):
         _few_rows_forward_kernel, (row_tiles * down_split + tiles * config.split,), HAS_BASE=weight is not None,
         HAS_S=S is not None, HAS_BIAS=bias is not None, PRECISION=_dot_precision(x.dtype),
         EVEN_K=inner % meta["BLOCK_K"] == 0, RANK_PAD=rank_pad, DOWN_ROWS=_DOWN_ROWS, DOWN_STEP=down_step,
-        TAIL_K=_tail_width(rank, meta["BLOCK_K"], x.element_size()), TAIL_STAGES=config.stages, **meta,
+        TAIL_K=_tail_width(rank, meta["BLOCK_K"], x.element_size()), TAIL_STAGES=config.stages, TMA=config.tma,
+        **meta,
     )  # fmt: skip
+    # TMA descriptors hold the tensors: made on each call from these boxes (shape, strides, block).
+    boxes = None
+    if config.tma:
+        boxes = (([rows, inner], list(x.stride()), [meta["BLOCK_M"], meta["BLOCK_K"]]),
+                 ([cols, inner], list(weight.stride()), [meta["BLOCK_N"], meta["BLOCK_K"]]))  # fmt: skip
     w_strides = weight.T.stride() if weight is not None else (0, 0)
     scalars = (rows, cols, inner, rank, *_float32_pair(scale), down_split, config.split, *x.stride(), *w_strides,
                *Vt.T.stride(), *U.stride(), *y.stride())  # fmt: skip
@@ -1082,19 +1103,37 @@ def _few_rows_plan(x, weight, U, S, Vt, bias, y, scale, config: Config):
         scratch = x.new_zeros(rows * rank + sums_size + counts, dtype=torch.float32)
         t, sums = scratch[: rows * rank], scratch[rows * rank : rows * rank + sums_size]
         done = scratch[rows * rank + sums_size :].view(torch.int32)
-        launch(x, weight if weight is not None else x, Vt, S, U, bias, t, sums if sums_size else t, done, y, *scalars)
+        weight = weight if weight is not None else x
+        tiled = (x, weight)
+        if boxes is not None:
+            tiled = (PlannedDescriptor(x, *boxes[0]), PlannedDescriptor(weight, *boxes[1]))
+        launch(x, weight, *tiled, Vt, S, U, bias, t, sums if sums_size else t, done, y, *scalars)
 
     return plan
 
 
+# TMA tiles of few_rows_forward: (BLOCK_N, BLOCK_K, warps, stages), BLOCK_M the rows' bucket;
+# the H100 winners of bench/probe_decode_tma.py at 8 and 64 rows. Beyond 64·128 accumulator
+# elements a 4-warp program spills on sm_90 (64x256 did).
+_FEW_ROWS_TMA_BLOCKS = [(32, 128, 4, 6), (64, 128, 4, 4), (128, 128, 4, 4), (128, 64, 4, 4), (256, 64, 4, 4)]
+_FEW_ROWS_TMA_ACCUMULATOR = 64 * 128
+
+
 def few_rows_candidates(x, weight, y) -> list[Config]:
-    """The configurations :func:`few_rows_forward` chooses among: the pointer kernel's tiles, each
-    with the product's K loop split across programs where the tiles are too few to fill the GPU
-    (under the interpreter, always split: the tests cover the sums)."""
+    """The configurations :func:`few_rows_forward` chooses among: the pointer kernel's tiles and,
+    for operands that suit it, TMA tiles covering all the rows, each with the product's K loop
+    split across programs where the tiles are too few to fill the GPU (under the interpreter,
+    always split: the tests cover the sums)."""
     rows, inner = x.shape
     aligned = _aligned(x, x.stride()) and (weight is None or _aligned(weight, weight.stride()))
-    configs = []
-    for config in _matmul_candidates(rows, y.element_size(), tma=False, aligned=aligned):
+    configs = _matmul_candidates(rows, y.element_size(), tma=False, aligned=aligned)
+    if _few_rows_tma(x, weight):
+        bucket = _row_bucket(rows)
+        blocks = [(32, 16, 4, 2)] if _triton_interpreted() else _FEW_ROWS_TMA_BLOCKS
+        configs += [Config.of(w, s, tma=True, BLOCK_M=bucket, BLOCK_N=n, BLOCK_K=k, GROUP_M=1)
+                    for n, k, w, s in blocks if bucket * n <= _FEW_ROWS_TMA_ACCUMULATOR]  # fmt: skip
+    with_splits = []
+    for config in configs:
         meta = config.kwargs
         tiles = _cdiv(rows, meta["BLOCK_M"]) * _cdiv(y.shape[1], meta["BLOCK_N"])
         if weight is None or torch.are_deterministic_algorithms_enabled():
@@ -1103,8 +1142,8 @@ def few_rows_candidates(x, weight, y) -> list[Config]:
             splits = [2]
         else:
             splits = _split_choices(tiles, _cdiv(inner, meta["BLOCK_K"]), x.device)
-        configs += [dataclasses.replace(config, split=split) for split in splits]
-    return configs
+        with_splits += [dataclasses.replace(config, split=split) for split in splits]
+    return with_splits
 
 
 # ----------------------------------------------------------------------------------------------
