@@ -14,6 +14,7 @@ import collections
 
 import torch
 import torch.nn.functional as F
+import triton
 from torch.profiler import ProfilerActivity, profile
 
 import sorsa_kernels as sk
@@ -69,13 +70,15 @@ def probe(rows, in_features, out_features):
     print(f"  tuned: {chosen}")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=[f"{m}x{i}x{o}" for m, i, o in SHAPES], help="MxINxOUT")
+def main_over_shapes(doc: str, shapes: list[tuple[int, int, int]], probe) -> None:
+    """The decode probes' command line: ``probe(M, IN, OUT)`` for each of ``--shapes MxINxOUT``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=[f"{m}x{i}x{o}" for m, i, o in shapes], help="MxINxOUT")
     args = parser.parse_args()
-    print(torch.cuda.get_device_name(), f"torch {torch.__version__}")
+    print(torch.cuda.get_device_name(), f"torch {torch.__version__}, triton {triton.__version__}")
     for shape in args.shapes:
         probe(*map(int, shape.split("x")))
 
+
 if __name__ == "__main__":
-    main()
+    main_over_shapes(__doc__, SHAPES, probe)

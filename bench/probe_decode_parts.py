@@ -5,18 +5,18 @@ the weight (without: the rank path alone), beside cuBLAS.
 ``python bench/probe_decode_parts.py [--shapes MxINxOUT ...]`` on a GPU, from the repository root;
 raw output in ``bench/results/decode-parts-probe-*.txt``."""
 
-import argparse
 import dataclasses
 
 import torch
 import torch.nn.functional as F
-from probe_decode import kernel_us
+from probe_decode import kernel_us, main_over_shapes
 
 from sorsa_kernels.benchmark.common import median_ms
 from sorsa_kernels.benchmark.linear import _graphed, _inputs
 from sorsa_kernels.triton import linear
 
 RANK = 128
+SHAPES = [(64, 4096, 4096), (8, 4096, 4096)]
 
 
 @torch.no_grad()
@@ -44,12 +44,5 @@ def probe(rows, inner, cols):
                           f"graph {median_ms(_graphed(run)) * 1e3:5.1f} us, kernels {parts} us")  # fmt: skip
         linear._down_split, linear._DOWN_ROWS = original
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--shapes", nargs="+", default=["64x4096x4096", "8x4096x4096"], help="MxINxOUT")
-    for shape in parser.parse_args().shapes:
-        probe(*map(int, shape.split("x")))
-
-
 if __name__ == "__main__":
-    main()
+    main_over_shapes(__doc__, SHAPES, probe)

@@ -9,14 +9,13 @@ the weight warm in L2 as in the linear bench's graph replays) beside cuBLAS's.
 raw output in ``bench/results/decode-tma-probe-*.txt``.
 """
 
-import argparse
 import itertools
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from probe_decode import kernel_us
+from probe_decode import kernel_us, main_over_shapes
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 SHAPES = [(8, 4096, 4096), (64, 4096, 4096), (64, 4096, 14336)]
@@ -58,7 +57,7 @@ def configs(rows: int, cols: int):
         tiles = triton.cdiv(cols, block_n)
         for split in (1, 2, 4, 8, 16):
             if 96 <= tiles * split <= 600:
-                yield dict(SWAP=swap, STAGES=stages, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k), split
+                yield {"SWAP": swap, "STAGES": stages, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, split
 
 
 def probe(rows: int, inner: int, cols: int):
@@ -93,14 +92,5 @@ def probe(rows: int, inner: int, cols: int):
     print(f"best: {best[0]:.2f} us against cuBLAS {sum(cublas.values()):.2f} us  split={best[2]} {best[1]}")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=[f"{m}x{i}x{o}" for m, i, o in SHAPES], help="MxINxOUT")
-    args = parser.parse_args()
-    print(torch.cuda.get_device_name(), f"torch {torch.__version__}, triton {triton.__version__}")
-    for shape in args.shapes:
-        probe(*map(int, shape.split("x")))
-
-
 if __name__ == "__main__":
-    main()
+    main_over_shapes(__doc__, SHAPES, probe)
