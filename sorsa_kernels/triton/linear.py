@@ -996,8 +996,8 @@ def _few_rows_forward_kernel(
             k_start, k_end = _split_range(K, (pid - producers) % SPLIT, SPLIT, BLOCK_K)
             if TMA:
                 for k in range(k_start, k_end, BLOCK_K):
-                    a = x_desc.load([pid_m * BLOCK_M, k])
-                    acc = _multiply_accumulate(acc, a, w_desc.load([pid_n * BLOCK_N, k]).T, PRECISION)
+                    x_block = x_desc.load([pid_m * BLOCK_M, k])
+                    acc = _multiply_accumulate(acc, x_block, w_desc.load([pid_n * BLOCK_N, k]).T, PRECISION)
             else:
                 acc = _base_sum(acc, x_ptr + k_start * stride_xk, w_ptr + k_start * stride_wk, rows, cols,
                                 k_end - k_start, stride_xm, stride_xk, stride_wk, stride_wn, PRECISION, EVEN_K,
