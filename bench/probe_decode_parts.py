@@ -42,7 +42,8 @@ def probe(rows, inner, cols):
                     parts = " + ".join(f"{us:.2f}" for us in kernel_us(run).values())
                     print(f"  rows {down_rows:2d} split {split:2d} {name:9s} [{c}]: "
                           f"graph {median_ms(_graphed(run)) * 1e3:5.1f} us, kernels {parts} us")  # fmt: skip
-        linear._down_split, linear._DOWN_ROWS = original
+    linear._down_split, linear._DOWN_ROWS = original
+
 
 if __name__ == "__main__":
     main_over_shapes(__doc__, SHAPES, probe)
