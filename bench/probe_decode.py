@@ -19,8 +19,9 @@ from torch.profiler import ProfilerActivity, profile
 
 import sorsa_kernels as sk
 from sorsa_kernels.benchmark.common import median_ms
-from sorsa_kernels.benchmark.linear import _graphed, _inputs
+from sorsa_kernels.benchmark.linear import _inputs
 from sorsa_kernels.triton import linear
+from sorsa_kernels.triton.common import graphed
 
 SHAPES = [(1, 4096, 4096), (1, 4096, 1024), (1, 4096, 11008), (1, 11008, 4096), (64, 4096, 4096), (64, 4096, 1024)]
 RANK = 128
@@ -55,7 +56,7 @@ def probe(rows, in_features, out_features):
     }
     print(f"\n== M={rows} {in_features}->{out_features} r={RANK}")
     for name, fn in calls.items():
-        print(f"{name}: graph {median_ms(_graphed(fn)) * 1e3:.1f} us")
+        print(f"{name}: graph {median_ms(graphed(fn)) * 1e3:.1f} us")
         for kernel, us in kernel_us(fn).items():
             print(f"    {us:7.2f} us  {kernel}")
     y = torch.empty(rows, out_features, device=device, dtype=x.dtype)
@@ -64,8 +65,8 @@ def probe(rows, in_features, out_features):
         for m, n, k, w, s in EXPLORED if m <= max(16, rows) for split in (1, 2, 4)
     ]  # fmt: skip
     for config in linear.few_rows_candidates(x, weight, y) + explored:
-        graphed = _graphed(lambda c=config: linear.few_rows_forward(x, weight, U, S, Vt, None, 2.0, y, c))
-        print(f"  few_rows_forward [{config}]: graph {median_ms(graphed) * 1e3:.1f} us")
+        replay = graphed(lambda c=config: linear.few_rows_forward(x, weight, U, S, Vt, None, 2.0, y, c))
+        print(f"  few_rows_forward [{config}]: graph {median_ms(replay) * 1e3:.1f} us")
     chosen = [str(c) for key, c in linear._chosen.items() if key[0] == "few" and key[5:7] == (out_features, RANK)]
     print(f"  tuned: {chosen}")
 

@@ -12,8 +12,9 @@ root; raw output in ``bench/results/streams-probe-*.txt``.
 import torch
 
 from sorsa_kernels.benchmark.common import median_ms
-from sorsa_kernels.benchmark.linear import _graphed, _inputs
+from sorsa_kernels.benchmark.linear import _inputs
 from sorsa_kernels.triton import linear
+from sorsa_kernels.triton.common import graphed
 
 SHAPES = [(4096, 4096, 4096, 16), (4096, 4096, 4096, 128), (4096, 4096, 11008, 128), (4096, 11008, 4096, 128),
           (4096, 4096, 14336, 128), (4096, 4096, 1024, 64), (16384, 4096, 1024, 64), (16384, 4096, 4096, 128),
@@ -59,7 +60,7 @@ def shape_row(shape, side) -> list[float]:
     for ours, theirs in zip(one(), two()):  # float32 atomics sum in any order (dS cancels)
         error = ((theirs.double() - ours.double()).norm() / ours.double().norm()).item()
         assert error <= 1e-3, f"{shape}: relative error {error:.1e}"
-    times = [median_ms(one), median_ms(two), median_ms(_graphed(one)), median_ms(_graphed(two))]
+    times = [median_ms(one), median_ms(two), median_ms(graphed(one)), median_ms(graphed(two))]
     return times + [median_ms(lambda: torch.mm(dy, weight))]
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from sorsa_kernels.benchmark.common import format_table, interleaved_ms, median_ratio, peak_memory_mb, write_results
 from sorsa_kernels.ops.linear import sorsa_linear
+from sorsa_kernels.triton.common import graphed
 
 GPU_TOKENS = (4096, 16384)
 GPU_SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (4096, 1024))
@@ -128,7 +129,7 @@ def measure_training(tokens, in_features, out_features, rank, device) -> dict:
     if device.type == "cuda":
         # Without the autocast cache, a graph casts the adapters on each replay, as an eager step does once.
         with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
-            graphs = {name: _graphed(steps[name]) for name in GRAPHED_PEERS if name in steps}
+            graphs = {name: graphed(steps[name]) for name in GRAPHED_PEERS if name in steps}
             _record(row, "_graph", interleaved_ms(graphs))
     row["floor"] = training_floor(in_features, out_features, rank)
     row["ours_over_floor"] = row["ours_ratio"] / row["floor"]
@@ -149,22 +150,6 @@ def _record(row: dict, suffix: str, times: dict[str, list[float]]) -> None:
             row[f"{name}{suffix}_ratio"] = median_ratio(rounds, times["dense"])
 
 
-def _graphed(fn: Callable[[], object]) -> Callable[[], None]:
-    """``fn`` captured in a CUDA graph (after warm-up runs, which also pick launch configurations):
-    each replay is one launch, so its time is the device's alone, as in a serving engine's decode
-    (or a training step captured whole)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 @torch.no_grad()
 def measure_inference(tokens, in_features, out_features, rank, device) -> dict:
     """Forward-only (unmerged inference) time of ours vs the dense product: eager, and on a GPU
@@ -174,7 +159,7 @@ def measure_inference(tokens, in_features, out_features, rank, device) -> dict:
     row = dict(mode="infer", tokens=tokens, in_features=in_features, out_features=out_features, rank=rank)
     _record(row, "", interleaved_ms(candidates))
     if device.type == "cuda":
-        _record(row, "_graph", interleaved_ms({name: _graphed(fn) for name, fn in candidates.items()}))
+        _record(row, "_graph", interleaved_ms({name: graphed(fn) for name, fn in candidates.items()}))
     row["floor"] = inference_floor(in_features, out_features, rank)
     return row
 

@@ -112,7 +112,7 @@ def step_products(x, weight, U, S, Vt, dy, scale, *, rank_zero=False) -> list[Pr
             rows * (out_features + 2 * rank) * size + rank * out_features * adapter, 6 * rows * out_features * rank,
         ))  # fmt: skip
     if rows <= kernels.FEW_ROWS and x.dtype != torch.float64 and not rank_zero:
-        # The no-grad forward of decode: y again, from x and the adapters in one launch.
+        # The no-grad forward of decode: y again, from x and the adapters (few_rows_forward).
         y_few = torch.empty_like(dy)
         products.insert(2, Product(
             FEW_ROWS_PRODUCT, lambda c=None: kernels.few_rows_forward(x, weight, U, S, Vt, None, scale, y_few, c),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import triton
@@ -65,6 +66,22 @@ def matrix_start(b, offsets, stride, INDIRECT: tl.constexpr, ALIGNED: tl.constex
     else:
         start = b * stride
     return start
+
+
+def graphed(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` captured in a CUDA graph (after warm-up runs, which also compile its kernels and pick
+    their launch configurations): each replay launches it whole, so its time is the device's
+    alone, as in a serving engine's decode (or a training step captured whole)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 # ----------------------------------------------------------------------------------------------

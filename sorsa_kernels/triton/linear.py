@@ -15,9 +15,10 @@ generic kernels and one for decode, each launched through one function of this m
 * :func:`row_reduction` ``out = aᵀ·t ⊙ S`` reducing over the M rows, optionally also
   ``Σ_p out_raw ⊙ w`` into an ``[r]`` vector (how dS is obtained, see below). For 16-bit
   operands whose rows are 16-byte aligned its blocks may also arrive by TMA (the tuner picks).
-* :func:`few_rows_forward`, the no-grad forward of at most :data:`FEW_ROWS` rows in one launch:
-  programs that sum ``x Vtᵀ`` ahead of programs that multiply by the weight (its tiles read by
-  pointers or, for 16-bit rows 16-byte aligned, by TMA) and then wait for it.
+* :func:`few_rows_forward`, the no-grad forward of at most :data:`FEW_ROWS` rows: a launch that
+  sums ``x Vtᵀ``, and the product by the weight (its tiles read by pointers or, for 16-bit rows
+  16-byte aligned, by TMA), which on sm_90 starts beside it and waits for it only before the
+  rank tail.
 * :func:`gradient_pass`, the backward's ``dU``, ``dS`` and ``g``: ``row_reduction`` and
   ``rank_down`` over dy, or, where the tuner finds it faster (16-bit dy, r ≤ 32), one pass over
   dy that computes all three with float atomics.
@@ -80,10 +81,21 @@ from triton.runtime import OutOfResources
 from sorsa_kernels.backends import _triton_interpreted
 from sorsa_kernels.reference.linear import accumulation_dtype
 from sorsa_kernels.triton.common import KernelLaunch, PlannedDescriptor, layout_key, on_device
+from sorsa_kernels.triton.common import graphed as cuda_graphed  # (graphed: _choose's argument)
 
 # TMA tiles need host tensor descriptors and their load/store methods in kernels (triton >= 3.4);
 # without them the pointer kernel serves every shape.
 HAS_TMA = PlannedDescriptor is not None and hasattr(tl, "make_tensor_descriptor")
+
+# Programmatic dependent launch (sm_90 on): a launch may start while the one before it still runs
+# and wait for it in the kernel (griddepcontrol); without it the two run one after the other.
+try:
+    from triton.backends.nvidia.compiler import CUDAOptions
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__
+except ImportError:
+    HAS_PDL = False
 
 # ----------------------------------------------------------------------------------------------
 # Device helpers shared by the kernels
@@ -188,12 +200,13 @@ AUTOTUNE_ENV = "SORSA_KERNELS_AUTOTUNE"
 _chosen: dict[tuple, Config] = {}
 
 
-def _choose(key: tuple, candidates, plan, reset=None) -> tuple[Config, bool]:
+def _choose(key: tuple, candidates, plan, reset=None, graphed=False) -> tuple[Config, bool]:
     """``(config, final)``: the configuration cached for ``key``; on a miss the fastest of
     ``candidates()``, each timed by running ``plan(config)()`` (a complete launch on the real
     outputs, which the caller repeats afterwards; ``reset()`` then undoes what the timing runs
-    accumulated). Inside a CUDA graph capture, where nothing can be timed, the first candidate,
-    not final: a later call chooses."""
+    accumulated), with ``graphed`` as replays of a CUDA graph of it (device time: launches so
+    short that the host's launch cost would decide an eager timing). Inside a CUDA graph
+    capture, where nothing can be timed, the first candidate, not final: a later call chooses."""
     key += (torch.are_deterministic_algorithms_enabled(),)  # which candidates may split
     config = _chosen.get(key)
     if config is not None:
@@ -204,17 +217,17 @@ def _choose(key: tuple, candidates, plan, reset=None) -> tuple[Config, bool]:
     elif torch.cuda.is_current_stream_capturing():
         return configs[0], False
     else:
-        config = min(configs, key=lambda c: _time_ms(plan, c))
+        config = min(configs, key=lambda c: _time_ms(plan(c), graphed))
         if reset is not None:
             reset()
     _chosen[key] = config
     return config, True
 
 
-def _time_ms(plan, config) -> float:
+def _time_ms(run, graphed: bool) -> float:
     try:
         # Short runs: choosing among a handful of configs needs less than do_bench's defaults.
-        return triton.testing.do_bench(plan(config), warmup=2, rep=10)
+        return triton.testing.do_bench(cuda_graphed(run) if graphed else run, warmup=2, rep=10)
     except OutOfResources:
         return float("inf")
 
@@ -226,18 +239,20 @@ _plans: dict[tuple, object] = {}
 _PLANS_KEPT = 4096
 
 
-def _launch(tag: str, tensors: tuple, build, tuning_key, candidates, config=None, reset=None, scale=None) -> None:
+def _launch(tag: str, tensors: tuple, build, tuning_key, candidates, config=None, reset=None, scale=None,
+            graphed=False) -> None:
     """Launch ``build(config)(*tensors)``: with ``config`` given, that one (benchmarks, sweeps);
     else the plan kept for these tensors' layout, made on a miss from the configuration tuned for
-    ``tuning_key()`` among ``candidates()`` (see :func:`_choose`, whose ``reset`` this passes) and
-    kept unless provisional (chosen inside a CUDA graph capture)."""
+    ``tuning_key()`` among ``candidates()`` (see :func:`_choose`, whose ``reset`` and ``graphed``
+    this passes) and kept unless provisional (chosen inside a CUDA graph capture)."""
     if config is not None:
         build(config)(*tensors)
         return
     key = (tag, layout_key(*tensors), scale, _mode(tensors[0].dtype))
     plan = _plans.get(key)
     if plan is None:
-        chosen, final = _choose(tuning_key(), candidates, lambda c: functools.partial(build(c), *tensors), reset)
+        chosen, final = _choose(tuning_key(), candidates, lambda c: functools.partial(build(c), *tensors), reset,
+                                graphed)
         plan = build(chosen)
         if final:
             _remember(key, plan)
@@ -718,15 +733,17 @@ def _stageable(streamed, skinny) -> bool:
 @triton.jit
 def _down_sum(a_ptr, b_ptr, rows, ranks, k_start, k_end, RANK, stride_am, stride_ak, stride_bk, stride_br, stride_bpart,
               PRECISION: tl.constexpr, STAGED: tl.constexpr, TILE: tl.constexpr, STEP: tl.constexpr,
-              RANK_PAD: tl.constexpr):  # fmt: skip
+              RANK_PAD: tl.constexpr, LOOP_STAGES: tl.constexpr):  # fmt: skip
     """``Σ_k a[rows, k]·b[k, ranks]`` over ``k_start ≤ k < k_end`` in steps of STEP, accumulated
-    in float32 (float64 for float64 a); b wider than a enters as its rounding plus the residue."""
+    in float32 (float64 for float64 a); b wider than a enters as its rounding plus the residue.
+    LOOP_STAGES (None: the launch's choice) makes the pipeliner prefetch every load of the loop,
+    b's too, which a wide b otherwise waits for in each step (a small tile's loop is bound by it)."""
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     offs_k = k_start + tl.arange(0, STEP)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + ranks[None, :] * stride_br
     acc = tl.zeros((TILE, RANK_PAD), dtype=tl.float64 if DTYPE == tl.float64 else tl.float32)
-    for k in range(k_start, k_end, STEP):
+    for k in tl.range(k_start, k_end, STEP, num_stages=LOOP_STAGES):
         in_k = offs_k < k_end - (k - k_start)
         a = tl.load(a_ptrs, mask=in_k[None, :], other=0.0)
         b_mask = in_k[:, None] & (ranks < RANK)[None, :]
@@ -761,7 +778,7 @@ def _rank_down_kernel(
     offs_m = pid_m * TILE + tl.arange(0, TILE)
     ranks = tl.arange(0, RANK_PAD)
     acc = _down_sum(a_ptr, b_ptr, (offs_m % M).to(tl.int64), ranks, k_start, k_end, RANK, stride_am, stride_ak,
-                    stride_bk, stride_br, stride_bpart, PRECISION, STAGED, TILE, STEP, RANK_PAD)  # fmt: skip
+                    stride_bk, stride_br, stride_bpart, PRECISION, STAGED, TILE, STEP, RANK_PAD, None)  # fmt: skip
     acc *= _scale(scale_hi, scale_lo, acc.dtype)
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + ranks[None, :] * stride_or
     mask = (offs_m < M)[:, None] & (ranks < RANK)[None, :]
@@ -941,105 +958,109 @@ def rank_down_candidates(a, b) -> list[Config]:
 
 
 # ----------------------------------------------------------------------------------------------
-# few_rows_forward: the no-grad forward of at most FEW_ROWS rows (decode) in one launch
+# few_rows_forward: the no-grad forward of at most FEW_ROWS rows (decode) in two launches
 
-# Rows of t per program of the rank-down part (tensor-core products need 16).
+# The launch of t: its rows and ranks per program (tensor-core products take 16 of each), and
+# its (K step, warps, stages): a footprint small enough for its programs to share SMs with the
+# product's tiles.
 _DOWN_ROWS = 16
+_DOWN_RANKS = 32
+_DOWN_LAUNCH = (64, 4, 4)
+_DOWN_STEPS = 4
+
+
+@triton.jit
+def _few_rows_down_kernel(
+    x_ptr, vt_ptr, s_ptr, t_ptr, M, K, RANK, scale_hi, scale_lo, stride_xm, stride_xk, stride_vk, stride_vr,
+    SPLIT,  # runtime: programs sharing each block's K loop (1 is specialized, with plain stores)
+    HAS_S: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    DOWN_ROWS: tl.constexpr, DOWN_RANKS: tl.constexpr, DOWN_STEP: tl.constexpr, DOWN_STAGES: tl.constexpr,
+):  # fmt: skip
+    """``t = scale·(x Vtᵀ) ⊙ S`` in float32, one block of DOWN_ROWS rows and DOWN_RANKS ranks per
+    program over one of SPLIT ranges of K (above one, added into the zeroed t). With PDL the
+    product's launch may start at once."""
+    if PDL:
+        gdc_launch_dependents()
+    rows = tl.program_id(0) * DOWN_ROWS + tl.arange(0, DOWN_ROWS)
+    ranks = tl.program_id(1) * DOWN_RANKS + tl.arange(0, DOWN_RANKS)
+    k_start, k_end = _split_range(K, tl.program_id(2), SPLIT, DOWN_STEP)
+    part = _down_sum(x_ptr, vt_ptr, (rows % M).to(tl.int64), ranks, k_start, k_end, RANK, stride_xm, stride_xk,
+                     stride_vk, stride_vr, 0, PRECISION, False, DOWN_ROWS, DOWN_STEP, DOWN_RANKS,
+                     DOWN_STAGES)  # fmt: skip
+    part *= _scale(scale_hi, scale_lo, part.dtype)
+    if HAS_S:
+        part *= tl.load(s_ptr + ranks, mask=ranks < RANK, other=0.0).to(part.dtype)[None, :]
+    mask = (rows < M)[:, None] & (ranks < RANK)[None, :]
+    if SPLIT == 1:
+        tl.store(t_ptr + rows[:, None] * RANK + ranks[None, :], part, mask=mask)
+    else:
+        tl.atomic_add(t_ptr + rows[:, None] * RANK + ranks[None, :], part, mask=mask, sem="relaxed")
 
 
 @triton.jit
 def _few_rows_forward_kernel(
-    x_ptr, w_ptr, x_desc, w_desc, vt_ptr, s_ptr, u_ptr, bias_ptr, t_ptr, sums_ptr, done_ptr, y_ptr,
-    M, N, K, RANK, scale_hi, scale_lo, DOWN_SPLIT,
+    x_ptr, w_ptr, x_desc, w_desc, u_ptr, bias_ptr, t_ptr, sums_ptr, done_ptr, y_ptr,
+    M, N, K, RANK,
     SPLIT,  # runtime: programs sharing each tile's K loop (1 is specialized, without the sums)
-    stride_xm, stride_xk, stride_wk, stride_wn, stride_vk, stride_vr, stride_un, stride_ur, stride_ym, stride_yn,
-    HAS_BASE: tl.constexpr, HAS_S: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    EVEN_K: tl.constexpr, RANK_PAD: tl.constexpr, DOWN_ROWS: tl.constexpr, DOWN_STEP: tl.constexpr,
-    TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr, TMA: tl.constexpr,
+    stride_xm, stride_xk, stride_wk, stride_wn, stride_un, stride_ur, stride_ym, stride_yn,
+    HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """``y = x Wᵀ + t Uᵀ + bias`` with ``t = scale·(x Vtᵀ) ⊙ S``. The first
-    ``cdiv(M, DOWN_ROWS)·DOWN_SPLIT`` programs each add one K range's part of t into the zeroed
-    float32 ``t [M, RANK]`` and count themselves in ``done[0]``; every later program computes a
-    tile of ``x Wᵀ`` (with SPLIT > 1, one K range of it, added into the zeroed float32
-    ``sums [M, N]``, the tile's last program to count itself in ``done[1 + tile]`` going on with
-    the whole), then waits for t's count before the rank tail. A program waits only on programs
-    of lower ids, which the GPU starts first, so the wait ends (as in single-pass scans); it is
-    normally over before it begins, the tile's main loop taking longer than the whole of t.
-    With TMA the tile's x and W blocks arrive by TMA from ``x_desc`` ``[M, K]`` and ``w_desc``
-    ``[N, K]`` (out-of-range reads are zeros) instead of pointer loads."""
+    """``y = x Wᵀ + t Uᵀ + bias`` for the float32 ``t [M, RANK]`` of the
+    :func:`_few_rows_down_kernel` launched just before: a tile of y per program (with SPLIT > 1,
+    one K range of it, added into the zeroed float32 ``sums [M, N]``, the tile's last program to
+    count itself in ``done[tile]`` going on with the whole). With PDL this launch runs beside t's
+    and waits for it (griddepcontrol) only before the rank tail, which the tile's main loop
+    normally outlasts. With TMA the tile's x and W blocks arrive by TMA from ``x_desc``
+    ``[M, K]`` and ``w_desc`` ``[N, K]`` (out-of-range reads are zeros) instead of pointer loads."""
     pid = tl.program_id(0)
-    producers = tl.cdiv(M, DOWN_ROWS) * DOWN_SPLIT
-    ranks = tl.arange(0, RANK_PAD)
-    if pid < producers:
-        k_start, k_end = _split_range(K, pid % DOWN_SPLIT, DOWN_SPLIT, DOWN_STEP)
-        down_rows = (pid // DOWN_SPLIT) * DOWN_ROWS + tl.arange(0, DOWN_ROWS)
-        part = _down_sum(x_ptr, vt_ptr, (down_rows % M).to(tl.int64), ranks, k_start, k_end, RANK,
-                         stride_xm, stride_xk, stride_vk, stride_vr, 0, PRECISION, False, DOWN_ROWS, DOWN_STEP,
-                         RANK_PAD)  # fmt: skip
-        part *= _scale(scale_hi, scale_lo, part.dtype)
-        if HAS_S:
-            part *= tl.load(s_ptr + ranks, mask=ranks < RANK, other=0.0).to(part.dtype)[None, :]
-        mask = (down_rows < M)[:, None] & (ranks < RANK)[None, :]
-        tl.atomic_add(t_ptr + down_rows[:, None] * RANK + ranks[None, :], part, mask=mask, sem="relaxed")
-        tl.debug_barrier()  # every thread's adds happen before the count that publishes them
-        tl.atomic_add(done_ptr, 1, sem="release")
-    else:
-        tile = (pid - producers) // SPLIT
-        pid_m, pid_n = _grouped_tile(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = (offs_m % M).to(tl.int64)
-        cols = (offs_n % N).to(tl.int64)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if HAS_BASE:
-            k_start, k_end = _split_range(K, (pid - producers) % SPLIT, SPLIT, BLOCK_K)
-            if TMA:
-                for k in range(k_start, k_end, BLOCK_K):
-                    x_block = x_desc.load([pid_m * BLOCK_M, k])
-                    acc = _multiply_accumulate(acc, x_block, w_desc.load([pid_n * BLOCK_N, k]).T, PRECISION)
-            else:
-                acc = _base_sum(acc, x_ptr + k_start * stride_xk, w_ptr + k_start * stride_wk, rows, cols,
-                                k_end - k_start, stride_xm, stride_xk, stride_wk, stride_wn, PRECISION, EVEN_K,
-                                BLOCK_K)  # fmt: skip
-        if SPLIT == 1:
-            _finish_tile(acc, done_ptr, producers, t_ptr, u_ptr, bias_ptr, y_ptr, offs_m, offs_n, rows, cols, M, N,
-                         RANK, stride_un, stride_ur, stride_ym, stride_yn, HAS_BIAS, PRECISION, TAIL_K,
-                         TAIL_STAGES)  # fmt: skip
+    tile = pid // SPLIT
+    pid_m, pid_n = _grouped_tile(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_BASE:
+        k_start, k_end = _split_range(K, pid % SPLIT, SPLIT, BLOCK_K)
+        if TMA:
+            for k in range(k_start, k_end, BLOCK_K):
+                x_block = x_desc.load([pid_m * BLOCK_M, k])
+                acc = _multiply_accumulate(acc, x_block, w_desc.load([pid_n * BLOCK_N, k]).T, PRECISION)
         else:
-            in_tile = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-            sums = sums_ptr + offs_m[:, None] * N + offs_n[None, :]
-            tl.atomic_add(sums, acc, mask=in_tile, sem="relaxed")
-            tl.debug_barrier()  # every thread's adds happen before the count that publishes them
-            if tl.atomic_add(done_ptr + 1 + tile, 1, sem="acq_rel") == SPLIT - 1:  # the tile's last part
-                acc = tl.load(sums, mask=in_tile, other=0.0, cache_modifier=".cg")
-                _finish_tile(acc, done_ptr, producers, t_ptr, u_ptr, bias_ptr, y_ptr, offs_m, offs_n, rows, cols, M,
-                             N, RANK, stride_un, stride_ur, stride_ym, stride_yn, HAS_BIAS, PRECISION, TAIL_K,
-                             TAIL_STAGES)  # fmt: skip
-
-
-@triton.jit
-def _finish_tile(acc, done_ptr, producers, t_ptr, u_ptr, bias_ptr, y_ptr, offs_m, offs_n, rows, cols, M, N, RANK,
-                 stride_un, stride_ur, stride_ym, stride_yn, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                 TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr):  # fmt: skip
-    """Once all of t is in (``done[0]`` counts ``producers``): y's tile of :func:`_few_rows_forward_kernel`."""
-    DTYPE: tl.constexpr = y_ptr.dtype.element_ty
-    while tl.atomic_add(done_ptr, 0, sem="acquire") < producers:
-        pass
-    acc = _rank_tail(acc, t_ptr, u_ptr, rows, cols, RANK, RANK, 1, stride_ur, stride_un, DTYPE, PRECISION, TAIL_K,
-                     TAIL_STAGES)  # fmt: skip
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(DTYPE), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+            acc = _base_sum(acc, x_ptr + k_start * stride_xk, w_ptr + k_start * stride_wk, rows, cols,
+                            k_end - k_start, stride_xm, stride_xk, stride_wk, stride_wn, PRECISION, EVEN_K,
+                            BLOCK_K)  # fmt: skip
+    in_tile = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    last = True
+    if SPLIT > 1:
+        sums = sums_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(sums, acc, mask=in_tile, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds happen before the count that publishes them
+        last = tl.atomic_add(done_ptr + tile, 1, sem="acq_rel") == SPLIT - 1  # the tile's last part goes on
+        if last:
+            acc = tl.load(sums, mask=in_tile, other=0.0, cache_modifier=".cg")
+    if last:
+        DTYPE: tl.constexpr = y_ptr.dtype.element_ty
+        if PDL:
+            gdc_wait()  # t's launch has finished and its stores are visible
+        acc = _rank_tail(acc, t_ptr, u_ptr, rows, cols, RANK, RANK, 1, stride_ur, stride_un, DTYPE, PRECISION, TAIL_K,
+                         TAIL_STAGES)  # fmt: skip
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(DTYPE), mask=in_tile)
 
 
 def few_rows_forward(x, weight, U, S, Vt, bias, scale, y, config: Config | None = None):
-    """``y = x·weightᵀ + (scale·x Vtᵀ ⊙ S)·Uᵀ + bias`` in one launch (after the zero fill of a
-    small float32 buffer) for x of at most :data:`FEW_ROWS` rows in a 16-bit dtype or
-    float32: the forward of decode, where separate launches for ``x Vtᵀ``, ``U ⊙ S`` and the
-    product cost more than the product itself. Arguments as the backend interface's (S and
-    bias contiguous), y ``[M, out]`` in x's dtype. ``config`` overrides the tuned choice (see
+    """``y = x·weightᵀ + (scale·x Vtᵀ ⊙ S)·Uᵀ + bias`` for x of at most :data:`FEW_ROWS` rows in a
+    16-bit dtype or float32: the forward of decode, where separate launches for ``x Vtᵀ``,
+    ``U ⊙ S`` and the product cost more than the product itself. Two launches, t's then the
+    product's, which on sm_90 and later starts beside t's (programmatic dependent launch) and
+    waits for it only before its rank tail; the product's K loop split across programs adds a
+    zero fill before them. Arguments as the backend interface's (S and bias contiguous), y
+    ``[M, out]`` in x's dtype. ``config`` overrides the tuned choice of the product's tiles (see
     :func:`few_rows_candidates`)."""
     tensors = (x, weight, U, S, Vt, bias, y)
 
@@ -1047,8 +1068,9 @@ def few_rows_forward(x, weight, U, S, Vt, bias, scale, y, config: Config | None 
         return ("few", x.get_device(), x.dtype, U.dtype, _row_bucket(x.shape[0]), *U.shape, x.shape[1], weight is None,
                 _aligned(x, x.stride()), _few_rows_tma(x, weight))  # fmt: skip
 
+    # Decode runs from CUDA graphs in serving engines, and its launches are short: tuned on graphs.
     _launch("few", tensors, lambda c: _few_rows_plan(*tensors, scale, c), tuning_key,
-            lambda: few_rows_candidates(x, weight, y), config, scale=scale)  # fmt: skip
+            lambda: few_rows_candidates(x, weight, y), config, scale=scale, graphed=True)  # fmt: skip
     return y
 
 
@@ -1059,32 +1081,45 @@ def _few_rows_tma(x, weight) -> bool:
             and _tma_ready(x, x.stride()) and _tma_ready(weight, weight.stride()))  # fmt: skip
 
 
-def _down_split(steps: int, row_tiles: int, device) -> int:
-    """K ranges of the rank-down part: enough programs to read Vt at speed, each of four steps or
-    more, none when reductions must be deterministic (its float atomics are not)."""
+def _down_split(steps: int, blocks: int, device) -> int:
+    """K ranges of t's launch: enough programs to read Vt at speed, each of
+    :data:`_DOWN_STEPS` steps or more; none where reductions must be deterministic (the float
+    atomics are not)."""
     if torch.are_deterministic_algorithms_enabled():
         return 1
     if _triton_interpreted():  # tiny shapes: still several parts, which the tests need
         return 2
-    return max(1, min(steps // 4, _multiprocessor_count(device) // (2 * row_tiles)))
+    return max(1, min(steps // _DOWN_STEPS, _multiprocessor_count(device) // blocks))
+
+
+@functools.cache
+def _has_pdl(device: torch.device) -> bool:
+    """Whether launches on ``device`` may use programmatic dependent launch (sm_90 on)."""
+    return HAS_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _few_rows_plan(x, weight, U, S, Vt, bias, y, scale, config: Config):
-    """``plan(x, weight, U, S, Vt, bias, y)``: ``config``'s launch for tensors laid out as these."""
+    """``plan(x, weight, U, S, Vt, bias, y)``: ``config``'s launches for tensors laid out as these."""
     rows, inner = x.shape
     cols, rank = U.shape
     meta = config.kwargs
-    rank_pad = _rank_pad(rank)
-    down_step = 32 if rank_pad <= 128 else 16  # the [step, r] float32 operand and its roundings fit registers
-    row_tiles = _cdiv(rows, _DOWN_ROWS)
-    down_split = _down_split(_cdiv(inner, down_step), row_tiles, x.device)
+    precision = _dot_precision(x.dtype)
+    pdl = _has_pdl(x.device) and not _triton_interpreted()
+    down_step, down_warps, down_stages = _DOWN_LAUNCH
+    blocks = (_cdiv(rows, _DOWN_ROWS), _cdiv(rank, _DOWN_RANKS))
+    down_split = _down_split(_cdiv(inner, down_step), blocks[0] * blocks[1], x.device)
+    down = KernelLaunch(
+        _few_rows_down_kernel, (*blocks, down_split), HAS_S=S is not None,
+        PRECISION=precision, PDL=pdl, DOWN_ROWS=_DOWN_ROWS, DOWN_RANKS=_DOWN_RANKS, DOWN_STEP=down_step,
+        DOWN_STAGES=down_stages, num_warps=down_warps, num_stages=down_stages,
+    )  # fmt: skip
+    down_scalars = (rows, inner, rank, *_float32_pair(scale), *x.stride(), *Vt.T.stride(), down_split)
     tiles = _cdiv(rows, meta["BLOCK_M"]) * _cdiv(cols, meta["BLOCK_N"])
     launch = KernelLaunch(
-        _few_rows_forward_kernel, (row_tiles * down_split + tiles * config.split,), HAS_BASE=weight is not None,
-        HAS_S=S is not None, HAS_BIAS=bias is not None, PRECISION=_dot_precision(x.dtype),
-        EVEN_K=inner % meta["BLOCK_K"] == 0, RANK_PAD=rank_pad, DOWN_ROWS=_DOWN_ROWS, DOWN_STEP=down_step,
-        TAIL_K=_tail_width(rank, meta["BLOCK_K"], x.element_size()), TAIL_STAGES=config.stages, TMA=config.tma,
-        **meta,
+        _few_rows_forward_kernel, (tiles * config.split,), HAS_BASE=weight is not None, HAS_BIAS=bias is not None,
+        PRECISION=precision, EVEN_K=inner % meta["BLOCK_K"] == 0, TAIL_K=_tail_width(rank, meta["BLOCK_K"],
+        x.element_size()), TAIL_STAGES=config.stages, TMA=config.tma, PDL=pdl, **meta,
+        **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     # TMA descriptors hold the tensors: made on each call from these boxes (shape, strides, block).
     boxes = None
@@ -1092,22 +1127,27 @@ def _few_rows_plan(x, weight, U, S, Vt, bias, y, scale, config: Config):
         boxes = (([rows, inner], list(x.stride()), [meta["BLOCK_M"], meta["BLOCK_K"]]),
                  ([cols, inner], list(weight.stride()), [meta["BLOCK_N"], meta["BLOCK_K"]]))  # fmt: skip
     w_strides = weight.T.stride() if weight is not None else (0, 0)
-    scalars = (rows, cols, inner, rank, *_float32_pair(scale), down_split, config.split, *x.stride(), *w_strides,
-               *Vt.T.stride(), *U.stride(), *y.stride())  # fmt: skip
-    # One zero fill: t, the split product's sums, then the counts (zero bits read as the integer 0):
-    # of t's finished parts, and of each tile's.
+    scalars = (rows, cols, inner, rank, config.split, *x.stride(), *w_strides, *U.stride(), *y.stride())
+    # One zero fill, ahead of t's launch (which the product's may then overlap), where t or the
+    # product is split: t, the product's float32 sums, then each tile's count of its parts (zero
+    # bits read as the integer 0).
+    t_size = rows * rank
     sums_size = rows * cols if config.split > 1 else 0
-    counts = 1 + (tiles if config.split > 1 else 0)
+    counts = tiles if config.split > 1 else 0
 
     def plan(x, weight, U, S, Vt, bias, y):
-        scratch = x.new_zeros(rows * rank + sums_size + counts, dtype=torch.float32)
-        t, sums = scratch[: rows * rank], scratch[rows * rank : rows * rank + sums_size]
-        done = scratch[rows * rank + sums_size :].view(torch.int32)
+        if down_split > 1 or sums_size:
+            scratch = x.new_zeros(t_size + sums_size + counts, dtype=torch.float32)
+        else:
+            scratch = x.new_empty(t_size, dtype=torch.float32)
+        t = scratch[:t_size].view(rows, rank)
+        sums, done = scratch[t_size : t_size + sums_size], scratch[t_size + sums_size :].view(torch.int32)
+        down(x, Vt, S, t, *down_scalars)
         weight = weight if weight is not None else x
         tiled = (x, weight)
         if boxes is not None:
             tiled = (PlannedDescriptor(x, *boxes[0]), PlannedDescriptor(weight, *boxes[1]))
-        launch(x, weight, *tiled, Vt, S, U, bias, t, sums if sums_size else t, done, y, *scalars)
+        launch(x, weight, *tiled, U, bias, t, sums, done, y, *scalars)
 
     return plan
 
@@ -1467,7 +1507,8 @@ def gradient_pass_candidates(dy, U, joint_only: bool = False) -> list[Config]:
 
 # Every kernel of the module (offline compilation captures their launches).
 KERNELS = (_extended_matmul_kernel, _extended_matmul_tma_kernel, _round_kernel, _rank_down_kernel,
-           _row_reduction_kernel, _row_reduction_tma_kernel, _few_rows_forward_kernel, _gradient_pass_kernel)
+           _row_reduction_kernel, _row_reduction_tma_kernel, _few_rows_down_kernel, _few_rows_forward_kernel,
+           _gradient_pass_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1505,8 +1546,8 @@ def forward(x, weight, U, S, Vt, bias, scale):
 
 
 def infer(x, weight, U, S, Vt, bias, scale):
-    """The backend interface's forward without z: at most :data:`FEW_ROWS` rows (decode) in one
-    launch (:func:`few_rows_forward`), more as :func:`forward`."""
+    """The backend interface's forward without z: at most :data:`FEW_ROWS` rows (decode) by
+    :func:`few_rows_forward`, more as :func:`forward`."""
     rows = x.shape[0]
     if rows == 0 or rows > FEW_ROWS or x.dtype == torch.float64:
         return forward(x, weight, U, S, Vt, bias, scale)[0]
