@@ -736,8 +736,7 @@ def _down_sum(a_ptr, b_ptr, rows, ranks, k_start, k_end, RANK, stride_am, stride
               RANK_PAD: tl.constexpr, LOOP_STAGES: tl.constexpr):  # fmt: skip
     """``Σ_k a[rows, k]·b[k, ranks]`` over ``k_start ≤ k < k_end`` in steps of STEP, accumulated
     in float32 (float64 for float64 a); b wider than a enters as its rounding plus the residue.
-    LOOP_STAGES (None: the launch's choice) makes the pipeliner prefetch every load of the loop,
-    b's too, which a wide b otherwise waits for in each step (a small tile's loop is bound by it)."""
+    LOOP_STAGES: the loop's pipeline depth (None: the launch's num_stages)."""
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     offs_k = k_start + tl.arange(0, STEP)
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
@@ -960,9 +959,10 @@ def rank_down_candidates(a, b) -> list[Config]:
 # ----------------------------------------------------------------------------------------------
 # few_rows_forward: the no-grad forward of at most FEW_ROWS rows (decode) in two launches
 
-# The launch of t: its rows and ranks per program (tensor-core products take 16 of each), and
-# its (K step, warps, stages): a footprint small enough for its programs to share SMs with the
-# product's tiles.
+# The launch of t: its rows and ranks per program (tensor-core products take 16 of each), its
+# (K step, warps, stages), a footprint small enough for its programs to share SMs with the
+# product's tiles, and the fewest K steps per program, which sets its K split (a program over the
+# whole K loop took 15-34 µs on an H100, see bench/probe_decode_parts.py).
 _DOWN_ROWS = 16
 _DOWN_RANKS = 32
 _DOWN_LAUNCH = (64, 4, 4)
@@ -1058,8 +1058,8 @@ def few_rows_forward(x, weight, U, S, Vt, bias, scale, y, config: Config | None 
     16-bit dtype or float32: the forward of decode, where separate launches for ``x Vtᵀ``,
     ``U ⊙ S`` and the product cost more than the product itself. Two launches, t's then the
     product's, which on sm_90 and later starts beside t's (programmatic dependent launch) and
-    waits for it only before its rank tail; the product's K loop split across programs adds a
-    zero fill before them. Arguments as the backend interface's (S and bias contiguous), y
+    waits for it only before its rank tail; a zero fill comes first where either one's K loop is
+    split across programs. Arguments as the backend interface's (S and bias contiguous), y
     ``[M, out]`` in x's dtype. ``config`` overrides the tuned choice of the product's tiles (see
     :func:`few_rows_candidates`)."""
     tensors = (x, weight, U, S, Vt, bias, y)
