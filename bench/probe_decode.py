@@ -2,7 +2,7 @@
 
 For each shape: the device time of each kernel of ``F.linear`` and of ``sorsa_linear``'s forward
 (no grad) from the profiler, and both calls replayed from CUDA graphs as the linear bench times
-them; then the one-launch inference forward (``few_rows_forward``) with each of its candidate
+them; then the inference forward (``few_rows_forward``) with each of its candidate product
 tiles forced in turn, then a few other tiles (those of at most max(16, M) rows, unsplit and split
 in two and four), and the tiles the tuner chose.
 ``python bench/probe_decode.py [--shapes MxINxOUT ...]`` on a GPU, from the repository root; raw

@@ -51,5 +51,6 @@ def probe(rows, inner, cols):
               f"graph {median_ms(graphed(run)) * 1e3:5.1f} us, kernels {parts} us")  # fmt: skip
     linear._DOWN_RANKS, linear._DOWN_LAUNCH, linear._DOWN_STEPS, linear._has_pdl = original
 
+
 if __name__ == "__main__":
     main_over_shapes(__doc__, SHAPES, probe)

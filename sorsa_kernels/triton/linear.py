@@ -1128,20 +1128,21 @@ def _few_rows_plan(x, weight, U, S, Vt, bias, y, scale, config: Config):
                  ([cols, inner], list(weight.stride()), [meta["BLOCK_N"], meta["BLOCK_K"]]))  # fmt: skip
     w_strides = weight.T.stride() if weight is not None else (0, 0)
     scalars = (rows, cols, inner, rank, config.split, *x.stride(), *w_strides, *U.stride(), *y.stride())
-    # One zero fill, ahead of t's launch (which the product's may then overlap), where t or the
-    # product is split: t, the product's float32 sums, then each tile's count of its parts (zero
-    # bits read as the integer 0).
+    # One float32 buffer: t, then where the product splits its sums and each tile's count of its
+    # parts (zero bits read as the integer 0); zeroed, ahead of t's launch (which the product's
+    # may then overlap), where t or the product is split.
     t_size = rows * rank
     sums_size = rows * cols if config.split > 1 else 0
-    counts = tiles if config.split > 1 else 0
+    zeroed = down_split > 1 or config.split > 1
 
     def plan(x, weight, U, S, Vt, bias, y):
-        if down_split > 1 or sums_size:
-            scratch = x.new_zeros(t_size + sums_size + counts, dtype=torch.float32)
+        if zeroed:
+            t = x.new_zeros(t_size + sums_size + (tiles if sums_size else 0), dtype=torch.float32)
         else:
-            scratch = x.new_empty(t_size, dtype=torch.float32)
-        t = scratch[:t_size].view(rows, rank)
-        sums, done = scratch[t_size : t_size + sums_size], scratch[t_size + sums_size :].view(torch.int32)
+            t = x.new_empty(t_size, dtype=torch.float32)
+        sums = done = t  # unused unless the product splits (no slicing on the host's decode path)
+        if sums_size:
+            sums, done = t[t_size : t_size + sums_size], t[t_size + sums_size :].view(torch.int32)
         down(x, Vt, S, t, *down_scalars)
         weight = weight if weight is not None else x
         tiled = (x, weight)
