@@ -2,7 +2,7 @@
 
 From the repository root, with the package importable (installed, or ``PYTHONPATH=.``)::
 
-    python bench/host_linear.py [--profile | --launches]
+    python bench/host_linear.py [--profile | --launches | --decode]
 
 ``host`` is the Python time per call measured without waiting for the GPU, ``wall`` the same
 with the GPU's work included: where they agree, the GPU waits on the host. The launch rows time
@@ -14,7 +14,9 @@ of those steps goes: cProfile of the forward + backward, run on the calling thre
 device threads are invisible to a profiler started on this one). ``--launches`` times the 4096-token
 step's parts from the inside (the forward call, the backward call, each kernel's launches) and the
 dense step, with the backward on autograd's device thread (torch's default) and on the calling
-thread.
+thread. ``--decode`` prints the host time of no-grad calls of decode shapes and of a 4096-token
+step, each the fewest µs a call of five loops: run it against two revisions of the package (on
+PYTHONPATH) to compare their host paths.
 """
 
 import collections
@@ -159,8 +161,45 @@ def launches(calls=300):
         common.KernelLaunch.__call__ = launch
 
 
+def decode(calls=1000, loops=5):
+    """Host µs per call (the fewest of ``loops`` loops; the GPU's work not waited for) of no-grad
+    calls at 1×4096→4096, 8×4096→11008 and 64×4096→1024 (r = 128, backend "auto"), and of a
+    step at 4096×4096→1024, r = 16."""
+
+    def fewest_us(fn, calls):
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        fewest = float("inf")
+        for _ in range(loops):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            fewest = min(fewest, (time.perf_counter() - start) / calls * 1e6)
+            torch.cuda.synchronize()
+        return fewest
+
+    for rows, in_features, out_features in ((1, 4096, 4096), (8, 4096, 11008), (64, 4096, 1024)):
+        x, weight, U, S, Vt, _ = layer(rows, in_features, out_features, 128)
+        x = x.detach()
+        with torch.no_grad():
+            us = fewest_us(lambda: sk.sorsa_linear(x, weight, U, S, Vt, None, 0.5), calls)
+        print(f"decode {rows}x{in_features}->{out_features} r=128: host {us:.1f} us")
+    x, weight, U, S, Vt, dy = layer(4096, 4096, 1024, 16)
+
+    def step():
+        sk.sorsa_linear(x, weight, U, S, Vt, None, 0.5).backward(dy)
+        for leaf in (x, U, S, Vt):
+            leaf.grad = None
+
+    print(f"step 4096x4096->1024 r=16: host {fewest_us(step, calls // 5):.1f} us")
+
+
 def main():
     print(torch.cuda.get_device_name())
+    if "--decode" in sys.argv[1:]:
+        decode()
+        return
     if "--profile" in sys.argv[1:]:
         profile()
         return

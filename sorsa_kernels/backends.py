@@ -107,8 +107,15 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
     Raises :class:`BackendUnavailableError` when an explicitly requested backend cannot run.
     ``torch.compile`` treats the answer as a constant of the traced graph.
     """
+    return _resolve(op, _requested(backend), device, device.type == "cpu" and _triton_interpreted())
+
+
+# Every call of an op resolves its backend: the answers are kept, per everything they depend on
+# (the environment's backend is read by _requested each call; the interpreter's switch, which
+# matters for CPU tensors alone, is part of the key).
+@functools.cache
+def _resolve(op: str, name: str, device: torch.device, interpreted: bool) -> str:
     implemented = IMPLEMENTATIONS[op]
-    name = _requested(backend)
     if name == "auto":
         for candidate in AUTO_PREFERENCE:
             if candidate in implemented and why_unavailable(candidate, device, explicit=False) is None:
@@ -124,6 +131,7 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
     return name
 
 
+@functools.cache
 def implementation(op: str, backend: str) -> ModuleType:
     """The module implementing ``op`` for an already resolved ``backend`` name."""
     return importlib.import_module(IMPLEMENTATIONS[op][backend])

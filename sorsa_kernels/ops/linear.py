@@ -137,8 +137,39 @@ class SORSALinearFunction(torch.autograd.Function):
         return dx, dweight, dU, dS, dVt, dbias, None, None
 
 
+def _inputs_valid(x, weight, U, S, Vt, bias, scale) -> bool:
+    # Every call's check, in one expression: True only for inputs _check_inputs accepts (False
+    # may also mean inputs it accepts in a slower way, such as a numpy scale).
+    try:
+        device = x.device
+        in_features = x.shape[-1]
+        out_features, rank = U.shape
+        adapter_dtype = U.dtype
+        return (
+            isinstance(x, Tensor) and isinstance(U, Tensor) and isinstance(Vt, Tensor)
+            and type(scale) in (float, int)
+            and x.dtype.is_floating_point
+            and adapter_dtype.is_floating_point
+            and U.device == device
+            and Vt.dtype == adapter_dtype
+            and Vt.device == device
+            and Vt.shape == (rank, in_features)
+            and 1 <= rank <= min(in_features, out_features)
+            and (S is None or (isinstance(S, Tensor) and S.dtype == adapter_dtype and S.device == device
+                               and S.shape == (rank,)))
+            and (weight is None or (isinstance(weight, Tensor) and weight.dtype.is_floating_point
+                                    and weight.device == device and weight.shape == (out_features, in_features)))
+            and (bias is None or (isinstance(bias, Tensor) and bias.dtype.is_floating_point
+                                  and bias.device == device and bias.shape == (out_features,)))
+        )  # fmt: skip
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return False
+
+
 def _check_inputs(x, weight, U, S, Vt, bias, scale):
-    # Runs on every call: one pass of cheap reads per tensor, the named error where one fails.
+    if _inputs_valid(x, weight, U, S, Vt, bias, scale):
+        return
+    # The named error of the first check that fails.
     check_tensor("x", x, dims=None)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension [..., in_features]")
