@@ -167,17 +167,7 @@ def decode(calls=1000, loops=5):
     step at 4096×4096→1024, r = 16."""
 
     def fewest_us(fn, calls):
-        for _ in range(50):
-            fn()
-        torch.cuda.synchronize()
-        fewest = float("inf")
-        for _ in range(loops):
-            start = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            fewest = min(fewest, (time.perf_counter() - start) / calls * 1e6)
-            torch.cuda.synchronize()
-        return fewest
+        return min(host_and_wall_us(fn, calls)[0] for _ in range(loops))
 
     for rows, in_features, out_features in ((1, 4096, 4096), (8, 4096, 11008), (64, 4096, 1024)):
         x, weight, U, S, Vt, _ = layer(rows, in_features, out_features, 128)
