@@ -1,6 +1,6 @@
 """Direct launches of compiled Triton kernels (sorsa_kernels/triton/common.py): the key a launch
 is kept under distinguishes whatever Triton compiles separately, and a repeated launch computes
-what the first did."""
+what the first did; workspaces kept zeroed stay zeroed, eagerly and from CUDA graphs."""
 
 from unittest import mock
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sorsa_kernels.triton import common
-from support import TOLERANCE, gpu
-from test_linear import check_against_oracle, make_inputs
+from support import DEVICE, TOLERANCE, as_float64, assert_close, gpu
+from test_linear import TRITON_REASON, check_against_oracle, make_inputs, oracle
 
 try:
     from triton._C.libtriton import native_specialize_impl
@@ -87,3 +87,88 @@ def test_direct_launches_call_launch_hooks():
     assert direct.call_count > 0, "no launch went the direct way"
     assert len(launched) == direct.call_count, "a direct launch skipped the hook (or a launch was not direct)"
     assert any("rank_down" in name for name in launched), launched
+
+
+def _decode_inputs(rows, in_features, out_features, rank, dtype):
+    x, weight, U, S, Vt, bias = make_inputs((rows, in_features), out_features, rank, dtype, torch.float32)
+    return x.detach(), weight, U.detach(), S.detach(), Vt.detach(), bias
+
+
+def _decode_reference(inputs, scale):
+    return oracle(*as_float64(*inputs), scale)
+
+
+def _assert_zeroed(workspaces):
+    for workspace in workspaces:
+        assert torch.count_nonzero(workspace) == 0, "a launch left its workspace dirty"
+
+
+@pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton backend: {TRITON_REASON}")
+@pytest.mark.parametrize(
+    "rows,in_features,out_features,rank,dtype",
+    [
+        pytest.param(3, 48, 40, 7, torch.float16, id="fp16"),
+        pytest.param(17, 45, 37, 5, torch.float32, id="fp32"),
+        pytest.param(64, 4096, 1030, 128, torch.bfloat16, marks=gpu, id="gpu-bf16"),
+    ],
+)
+def test_decode_forward_leaves_its_workspace_zeroed(rows, in_features, out_features, rank, dtype):
+    """Every configuration of the decode forward (t's K loop split, and the product's where the
+    configuration says so) sets its workspace back to zeros, so the next call, of any
+    configuration, adds into zeros: each one twice in a row comes out right."""
+    from sorsa_kernels.triton import linear
+
+    inputs = _decode_inputs(rows, in_features, out_features, rank, dtype)
+    x, weight, U, S, Vt, bias = inputs
+    y = torch.empty(rows, out_features, device=DEVICE, dtype=dtype)
+    reference = _decode_reference(inputs, 0.75)
+    configs = linear.few_rows_candidates(x, weight, y)
+    assert any(c.split > 1 for c in configs), "no configuration splits the product"
+    for config in configs:
+        for call in range(2):
+            y.fill_(float("nan"))
+            linear.few_rows_forward(x, weight, U, S, Vt, bias, 0.75, y, config)
+            assert_close(y, reference, TOLERANCE[dtype], f"call {call} [{config}]")
+        _assert_zeroed(common._stream_workspaces.values())
+
+
+@gpu
+def test_decode_forward_from_cuda_graphs():
+    """Graphs captured one after another on one stream, each with its own zeroed workspace (the
+    first a spare zeroed before it, the second one its own fill zeroes), replayed in any order
+    and between eager calls, with new inputs each time, come out right and leave their
+    workspaces zeroed."""
+    from sorsa_kernels.triton import linear
+
+    shapes = [(1, 4096, 1030, 128), (64, 4096, 4112, 16)]
+    layers = [_decode_inputs(*shape, torch.bfloat16) for shape in shapes]
+    outputs = [torch.empty(shape[0], shape[2], device=DEVICE, dtype=torch.bfloat16) for shape in shapes]
+
+    def forward(layer):
+        linear.few_rows_forward(*layers[layer], 0.5, outputs[layer])
+
+    for layer in range(len(layers)):
+        forward(layer)  # tunes, and makes the stream's workspace and a spare
+    graphs, captured = [], []
+    for layer in range(len(layers)):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            forward(layer)
+            forward(layer)
+            captured.append(common._capture_id())
+        graphs.append(graph)
+    assert None not in captured and len(set(captured)) == len(captured), captured
+    assert all(len(common._capture_workspaces[capture]) == 1 for capture in captured)
+
+    for step, layer in enumerate([1, 0, 0, 1, 1, 0]):
+        for tensor in layers[layer][:1] + layers[layer][4:5]:  # new x and Vt in place
+            tensor.copy_(torch.randn_like(tensor, dtype=torch.float32) / tensor.shape[-1] ** 0.5)
+        outputs[layer].fill_(float("nan"))
+        if step % 3 == 2:
+            forward(layer)
+        else:
+            graphs[layer].replay()
+        assert_close(outputs[layer], _decode_reference(layers[layer], 0.5), TOLERANCE[torch.bfloat16], f"step {step}")
+    torch.cuda.synchronize()
+    _assert_zeroed([w for capture in captured for w in common._capture_workspaces[capture]])
+    _assert_zeroed(common._stream_workspaces.values())

@@ -216,7 +216,7 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="the adapter linear against the frozen GEMM and its peers")
-    parser.add_argument("--tokens", type=int, nargs="+", default=list(GPU_TOKENS))
+    parser.add_argument("--tokens", type=int, nargs="*", default=list(GPU_TOKENS))
     parser.add_argument("--shapes", nargs="+", default=[f"{i}x{o}" for i, o in GPU_SHAPES], help="IN x OUT")
     parser.add_argument("--ranks", type=int, nargs="+", default=list(GPU_RANKS))
     parser.add_argument("--decode", type=int, nargs="*", default=list(DECODE_TOKENS))

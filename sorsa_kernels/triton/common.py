@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 from collections.abc import Callable
 
 import torch
@@ -81,7 +83,91 @@ def graphed(fn: Callable[[], object]) -> Callable[[], None]:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
+        capture = _capture_id()
+    # The zeroed workspaces the capture took live as long as the graph, which writes to them.
+    graph.zeroed_workspaces = _capture_workspaces.pop(capture, [])
     return graph.replay
+
+
+# ----------------------------------------------------------------------------------------------
+# Workspaces kept zeroed
+#
+# A reduction split across programs adds its parts into zeros. Zeroing a buffer before each call
+# is an allocation and a launch of their own on the host, and on an H100 1.0–1.4 µs of a 15–28 µs
+# decode forward from CUDA graphs (bench/results/decode-clean-probe-*.txt); instead, the launches
+# that use one of these buffers set what they changed back to zero before the last of them ends,
+# so a buffer is zeroed once, when made. Calls on one stream run one after another and share a buffer; a CUDA graph's
+# launches replay on whatever stream, beside anything else, so each capture has buffers of its
+# own: a spare zeroed on the eager calls before it, else one whose zero fill the graph records.
+
+_stream_workspaces: dict[tuple[torch.device, int], torch.Tensor] = {}  # (device, stream) -> buffer
+_capture_workspaces: dict[int, list[torch.Tensor]] = {}  # capture id -> its buffers, the last in use
+_spares: dict[torch.device, torch.Tensor] = {}
+
+
+def zeroed_workspace(device: torch.device, numel: int) -> torch.Tensor:
+    """A float32 buffer of at least ``numel`` zeros on ``device`` for the launches of one call
+    on the current stream, which must leave every element they change zero again."""
+    if device.type != "cuda":  # the interpreter (one program at a time), or meta tensors
+        return _grown(_stream_workspaces, (device, 0), numel, device)
+    if torch.cuda.is_current_stream_capturing():
+        return _capture_workspace(device, numel)
+    buffer = _grown(_stream_workspaces, (device, torch._C._cuda_getCurrentRawStream(device.index)), numel, device)
+    _grown(_spares, device, buffer.numel(), device)
+    return buffer
+
+
+def _grown(buffers: dict, key, numel: int, device: torch.device) -> torch.Tensor:
+    """``buffers[key]``, replaced by a new zeroed buffer where missing or under ``numel``."""
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = torch.zeros(numel, dtype=torch.float32, device=device)
+    return buffer
+
+
+def _capture_workspace(device: torch.device, numel: int) -> torch.Tensor:
+    capture = _capture_id()
+    if capture is None:  # captures not told apart: a buffer for this call alone, zeroed in the graph
+        return torch.zeros(numel, dtype=torch.float32, device=device)
+    taken = _capture_workspaces.setdefault(capture, [])
+    if taken and taken[-1].numel() >= numel:
+        return taken[-1]
+    spare = _spares.get(device)
+    if spare is not None and spare.numel() >= numel:
+        taken.append(_spares.pop(device))
+    else:
+        taken.append(torch.zeros(numel, dtype=torch.float32, device=device))
+    return taken[-1]
+
+
+def _capture_id() -> int | None:
+    """The driver's id of the capture under way on the current stream, or None where the driver
+    does not tell (no ``cuStreamGetCaptureInfo`` found)."""
+    query = _capture_info_query()
+    if query is None:
+        return None
+    function, optional_outputs = query
+    status, capture = ctypes.c_int(), ctypes.c_uint64()
+    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+    if function(stream, ctypes.byref(status), ctypes.byref(capture), *[None] * optional_outputs) != 0:
+        return None
+    return capture.value
+
+
+@functools.cache
+def _capture_info_query():
+    """``(cuStreamGetCaptureInfo, how many optional outputs follow the status and the id)``."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    # CUDA 13 names v3 (graph, dependencies, edge data, their count); CUDA 12 v2 (no edge data).
+    for name, optional_outputs in (("cuStreamGetCaptureInfo_v3", 4), ("cuStreamGetCaptureInfo_v2", 3)):
+        function = getattr(driver, name, None)
+        if function is not None:
+            function.restype = ctypes.c_int
+            return function, optional_outputs
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ from triton.runtime import OutOfResources
 
 from sorsa_kernels.backends import _triton_interpreted
 from sorsa_kernels.reference.linear import accumulation_dtype
-from sorsa_kernels.triton.common import KernelLaunch, PlannedDescriptor, layout_key, on_device
+from sorsa_kernels.triton.common import KernelLaunch, PlannedDescriptor, layout_key, on_device, zeroed_workspace
 from sorsa_kernels.triton.common import graphed as cuda_graphed  # (graphed: _choose's argument)
 
 # TMA tiles need host tensor descriptors and their load/store methods in kernels (triton >= 3.4);
@@ -126,6 +126,12 @@ def _grouped_tile(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
     first_m = (tile // group_size) * GROUP_M
     group_m = min(tiles_m - first_m, GROUP_M)
     return first_m + (tile % group_size) % group_m, (tile % group_size) // group_m
+
+
+@triton.jit
+def _int32_at(float_ptr):
+    """The int32 at a float32 address (a count kept in a float32 workspace)."""
+    return float_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
 
 
 @triton.jit
@@ -967,6 +973,9 @@ _DOWN_ROWS = 16
 _DOWN_RANKS = 32
 _DOWN_LAUNCH = (64, 4, 4)
 _DOWN_STEPS = 4
+# Elements of t the product's last tile zeroes per store (at 1024 or 256, some tiles spilled
+# registers on sm_90).
+_ZERO_BLOCK = 4096
 
 
 @triton.jit
@@ -998,24 +1007,39 @@ def _few_rows_down_kernel(
 
 
 @triton.jit
+def _few_rows_counts(work_ptr, M, N, RANK, SPLIT):
+    """Where the int32 counts start in :func:`_few_rows_forward_kernel`'s workspace, after t
+    ``[M, RANK]`` and (SPLIT > 1) the sums ``[M, N]``: the finished tiles', then each tile's parts'."""
+    offset = M * RANK
+    if SPLIT > 1:
+        offset += M * N
+    return _int32_at(work_ptr + offset)
+
+
+@triton.jit
 def _few_rows_forward_kernel(
-    x_ptr, w_ptr, x_desc, w_desc, u_ptr, bias_ptr, t_ptr, sums_ptr, done_ptr, y_ptr,
+    x_ptr, w_ptr, x_desc, w_desc, u_ptr, bias_ptr, work_ptr, y_ptr,
     M, N, K, RANK,
     SPLIT,  # runtime: programs sharing each tile's K loop (1 is specialized, without the sums)
     stride_xm, stride_xk, stride_wk, stride_wn, stride_un, stride_ur, stride_ym, stride_yn,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ZERO_BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """``y = x Wᵀ + t Uᵀ + bias`` for the float32 ``t [M, RANK]`` of the
-    :func:`_few_rows_down_kernel` launched just before: a tile of y per program (with SPLIT > 1,
-    one K range of it, added into the zeroed float32 ``sums [M, N]``, the tile's last program to
-    count itself in ``done[tile]`` going on with the whole). With PDL this launch runs beside t's
-    and waits for it (griddepcontrol) only before the rank tail, which the tile's main loop
-    normally outlasts. With TMA the tile's x and W blocks arrive by TMA from ``x_desc``
-    ``[M, K]`` and ``w_desc`` ``[N, K]`` (out-of-range reads are zeros) instead of pointer loads."""
+    """``y = x Wᵀ + t Uᵀ + bias`` for the float32 ``t [M, RANK]`` that the
+    :func:`_few_rows_down_kernel` launched just before wrote at the start of the zeroed workspace
+    ``work`` (its layout: :func:`_few_rows_counts`): a tile of y per program (with SPLIT > 1, one
+    K range of it, added into the float32 ``sums [M, N]``, the tile's last program to count itself
+    in ``done[tile]`` going on with the whole). The launch leaves the workspace zeroed: each
+    tile's last program zeroes its sums and count, and the last tile to count itself in
+    ``finished`` zeroes t. With PDL this launch runs beside t's and waits for it (griddepcontrol)
+    only before the rank tail, which the tile's main loop normally outlasts. With TMA the tile's
+    x and W blocks arrive by TMA from ``x_desc`` ``[M, K]`` and ``w_desc`` ``[N, K]``
+    (out-of-range reads are zeros) instead of pointer loads."""
     pid = tl.program_id(0)
     tile = pid // SPLIT
+    tiles = tl.num_programs(0) // SPLIT
     pid_m, pid_n = _grouped_tile(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -1033,24 +1057,37 @@ def _few_rows_forward_kernel(
                             k_end - k_start, stride_xm, stride_xk, stride_wk, stride_wn, PRECISION, EVEN_K,
                             BLOCK_K)  # fmt: skip
     in_tile = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    # (Workspace addresses are recomputed where used: fewer registers live across the loop.)
     last = True
     if SPLIT > 1:
-        sums = sums_ptr + offs_m[:, None] * N + offs_n[None, :]
+        sums = work_ptr + M * RANK + offs_m[:, None] * N + offs_n[None, :]
         tl.atomic_add(sums, acc, mask=in_tile, sem="relaxed")
         tl.debug_barrier()  # every thread's adds happen before the count that publishes them
-        last = tl.atomic_add(done_ptr + tile, 1, sem="acq_rel") == SPLIT - 1  # the tile's last part goes on
+        done = _few_rows_counts(work_ptr, M, N, RANK, SPLIT) + 1 + tile
+        last = tl.atomic_add(done, 1, sem="acq_rel") == SPLIT - 1  # the tile's last part goes on
         if last:
             acc = tl.load(sums, mask=in_tile, other=0.0, cache_modifier=".cg")
     if last:
         DTYPE: tl.constexpr = y_ptr.dtype.element_ty
         if PDL:
             gdc_wait()  # t's launch has finished and its stores are visible
-        acc = _rank_tail(acc, t_ptr, u_ptr, rows, cols, RANK, RANK, 1, stride_ur, stride_un, DTYPE, PRECISION, TAIL_K,
-                         TAIL_STAGES)  # fmt: skip
+        acc = _rank_tail(acc, work_ptr, u_ptr, rows, cols, RANK, RANK, 1, stride_ur, stride_un, DTYPE, PRECISION,
+                         TAIL_K, TAIL_STAGES)  # fmt: skip
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
         y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
         tl.store(y_ptrs, acc.to(DTYPE), mask=in_tile)
+        finished = _few_rows_counts(work_ptr, M, N, RANK, SPLIT)
+        if SPLIT > 1:  # the tile's sums and count, zeroed here where few registers are live
+            sums = work_ptr + M * RANK + offs_m[:, None] * N + offs_n[None, :]
+            tl.store(sums, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), mask=in_tile)
+            tl.store(finished + 1 + tile, 0)
+        tl.debug_barrier()  # every thread's reads of t happen before the count that releases them
+        if tl.atomic_add(finished, 1, sem="acq_rel") == tiles - 1:  # every tile has read t: zero it
+            for start in range(0, M * RANK, ZERO_BLOCK):
+                offsets = start + tl.arange(0, ZERO_BLOCK)
+                tl.store(work_ptr + offsets, tl.zeros((ZERO_BLOCK,), tl.float32), mask=offsets < M * RANK)
+            tl.store(finished, 0)
 
 
 def few_rows_forward(x, weight, U, S, Vt, bias, scale, y, config: Config | None = None):
@@ -1058,10 +1095,11 @@ def few_rows_forward(x, weight, U, S, Vt, bias, scale, y, config: Config | None 
     16-bit dtype or float32: the forward of decode, where separate launches for ``x Vtᵀ``,
     ``U ⊙ S`` and the product cost more than the product itself. Two launches, t's then the
     product's, which on sm_90 and later starts beside t's (programmatic dependent launch) and
-    waits for it only before its rank tail; a zero fill comes first where either one's K loop is
-    split across programs. Arguments as the backend interface's (S and bias contiguous), y
-    ``[M, out]`` in x's dtype. ``config`` overrides the tuned choice of the product's tiles (see
-    :func:`few_rows_candidates`)."""
+    waits for it only before its rank tail. Their workspace (t, and the sums where the product's K
+    loop is split across programs) is kept zeroed between calls (see
+    :func:`~sorsa_kernels.triton.common.zeroed_workspace`), not filled for each. Arguments as the
+    backend interface's (S and bias contiguous), y ``[M, out]`` in x's dtype. ``config`` overrides
+    the tuned choice of the product's tiles (see :func:`few_rows_candidates`)."""
     tensors = (x, weight, U, S, Vt, bias, y)
 
     def tuning_key():
@@ -1118,7 +1156,7 @@ def _few_rows_plan(x, weight, U, S, Vt, bias, y, scale, config: Config):
     launch = KernelLaunch(
         _few_rows_forward_kernel, (tiles * config.split,), HAS_BASE=weight is not None, HAS_BIAS=bias is not None,
         PRECISION=precision, EVEN_K=inner % meta["BLOCK_K"] == 0, TAIL_K=_tail_width(rank, meta["BLOCK_K"],
-        x.element_size()), TAIL_STAGES=config.stages, TMA=config.tma, PDL=pdl, **meta,
+        x.element_size()), TAIL_STAGES=config.stages, TMA=config.tma, PDL=pdl, ZERO_BLOCK=_ZERO_BLOCK, **meta,
         **({"launch_pdl": True} if pdl else {}),
     )  # fmt: skip
     # TMA descriptors hold the tensors: made on each call from these boxes (shape, strides, block).
@@ -1128,27 +1166,19 @@ def _few_rows_plan(x, weight, U, S, Vt, bias, y, scale, config: Config):
                  ([cols, inner], list(weight.stride()), [meta["BLOCK_N"], meta["BLOCK_K"]]))  # fmt: skip
     w_strides = weight.T.stride() if weight is not None else (0, 0)
     scalars = (rows, cols, inner, rank, config.split, *x.stride(), *w_strides, *U.stride(), *y.stride())
-    # One float32 buffer: t, then where the product splits its sums and each tile's count of its
-    # parts (zero bits read as the integer 0); zeroed, ahead of t's launch (which the product's
-    # may then overlap), where t or the product is split.
-    t_size = rows * rank
-    sums_size = rows * cols if config.split > 1 else 0
-    zeroed = down_split > 1 or config.split > 1
+    # The launches' float32 workspace (see _few_rows_forward_kernel; counts as int32 bits, zero
+    # alike), which they leave zeroed.
+    workspace_size = rows * rank + 1 + (rows * cols + tiles if config.split > 1 else 0)
+    device = x.device
 
     def plan(x, weight, U, S, Vt, bias, y):
-        if zeroed:
-            t = x.new_zeros(t_size + sums_size + (tiles if sums_size else 0), dtype=torch.float32)
-        else:
-            t = x.new_empty(t_size, dtype=torch.float32)
-        sums = done = t  # unused unless the product splits (no slicing on the host's decode path)
-        if sums_size:
-            sums, done = t[t_size : t_size + sums_size], t[t_size + sums_size :].view(torch.int32)
-        down(x, Vt, S, t, *down_scalars)
+        workspace = zeroed_workspace(device, workspace_size)
+        down(x, Vt, S, workspace, *down_scalars)
         weight = weight if weight is not None else x
         tiled = (x, weight)
         if boxes is not None:
             tiled = (PlannedDescriptor(x, *boxes[0]), PlannedDescriptor(weight, *boxes[1]))
-        launch(x, weight, *tiled, U, bias, t, sums, done, y, *scalars)
+        launch(x, weight, *tiled, U, bias, workspace, y, *scalars)
 
     return plan
 
