@@ -96,9 +96,10 @@ def graphed(fn: Callable[[], object]) -> Callable[[], None]:
 # is an allocation and a launch of their own on the host, and on an H100 1.0–1.4 µs of a 15–28 µs
 # decode forward from CUDA graphs (bench/results/decode-clean-probe-*.txt); instead, the launches
 # that use one of these buffers set what they changed back to zero before the last of them ends,
-# so a buffer is zeroed once, when made. Calls on one stream run one after another and share a buffer; a CUDA graph's
-# launches replay on whatever stream, beside anything else, so each capture has buffers of its
-# own: a spare zeroed on the eager calls before it, else one whose zero fill the graph records.
+# so a buffer is zeroed once, when made. Calls on one stream run one after another and share a
+# buffer; a CUDA graph's launches replay on whatever stream, beside anything else, so each capture
+# has buffers of its own: a spare zeroed on the eager calls before it, else one whose zero fill
+# the graph records.
 
 _stream_workspaces: dict[tuple[torch.device, int], torch.Tensor] = {}  # (device, stream) -> buffer
 _capture_workspaces: dict[int, list[torch.Tensor]] = {}  # capture id -> its buffers, the last in use
