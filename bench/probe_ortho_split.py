@@ -1,13 +1,16 @@
 """The ortho step's two kinds of work launched apart (every Gram matrix; every gradient added into
 .grad), each timed alone under several configurations, beside the default step, for the
 Llama-2-7B and Llama-3-8B adapter sets at r = 128 (``--r16``: r = 16; ``--chunks``: r = 128, the
-two launches under work items of several sizes). What chose ``two_launch_step`` and the per-mode
+two launches under work items of several sizes; ``--blocks``: r = 128, every launch in the gradient
+items' 4-warp programs, the Gram matrices summed as 64-wide block pairs, the step fused at several
+lags). What chose ``two_launch_step`` and the per-mode
 defaults of ``sorsa_kernels.triton.ortho``; raw output in ``bench/results/ortho-split-probe-*.txt``
-(``--chunks``: ``ortho-chunks-probe-*.txt``). ``python bench/probe_ortho_split.py [--r16 | --chunks]``
+(``--chunks``: ``ortho-chunks-probe-*.txt``). ``python bench/probe_ortho_split.py [--r16 | --chunks | --blocks]``
 on a GPU."""
 
 import dataclasses
 import functools
+import math
 import sys
 
 import torch
@@ -71,6 +74,14 @@ def main():
                 G(chunk_rows=rows, num_stages=stages) for rows in (1024, 2048, 4096, 8192) for stages in (3, 4)
             ]
             accumulate_configs = [A(chunk_rows=rows) for rows in (1024, 2048, 4096)]
+        elif "--blocks" in sys.argv:
+            # One register allocation can serve both kinds of item when the Gram accumulators are 64 wide.
+            A = varied(rank, "accumulate")
+            gram_configs = [A(gram_block=64, chunk_rows=rows) for rows in (512, 1024, 4096)]
+            accumulate_configs = [A()]
+            fused_configs = [
+                A(gram_block=64, lag=lag, chunk_rows=rows) for rows in (512, 1024) for lag in (0.5, 1.0, 2.0, math.inf)
+            ]
         elif rank == 128:
             G, A = varied(rank, "forward"), varied(rank, "accumulate")
             gram_configs = [G(), G(num_stages=4), G(gram_rows=32, num_stages=4), G(gram_rows=32, num_stages=6),
@@ -114,8 +125,8 @@ def main():
                     T.two_launch_step = two_launch_step
                     label = (
                         f"{phase} c{config.chunk_rows} g{config.gram_rows} d{config.gradient_rows} n{config.block_n} "
-                        f"gb{config.gram_block} w{config.num_warps} s{config.num_stages} pps{config.programs_per_sm} "
-                        f"os{config.output_stages} #{round_}"
+                        f"gb{config.gram_block} l{config.lag} w{config.num_warps} s{config.num_stages} "
+                        f"pps{config.programs_per_sm} os{config.output_stages} #{round_}"
                     )
                     rows.append((label, ms))
         print(f"--- {name}")

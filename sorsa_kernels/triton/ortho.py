@@ -717,10 +717,11 @@ def two_launch_step(precision: int, block_r: int) -> bool:
     two 4-warp programs with narrower tiles, and a fused launch gives both the Gram items'
     shape (its one register allocation, 255 registers, serves both). Llama-2-7B set: 0.73–0.74 ms
     (Gram items of 1024 rows; 0.68 ms in the 4096-row items of default_configs) + 1.43 ms against
-    3.19–3.43 ms fused (Llama-3-8B 0.78 + 1.51 against 3.32–3.58 ms). At r = 16
-    the fused launch was faster: 0.257–0.269 ms against 0.110–0.113 + 0.199–0.205 ms (in an earlier
-    run, three of four measurements 0.273–0.285 ms, once 0.388 ms; raw:
-    bench/results/ortho-split-probe-*.txt)."""
+    3.19–3.43 ms fused (Llama-3-8B 0.78 + 1.51 against 3.32–3.58 ms); fused in the gradient items'
+    programs with 64-wide Gram block pairs, 2.39–2.59 ms against 2.09–2.11 (the Gram items alone
+    1.03–1.12 ms there; raw: bench/results/ortho-blocks-probe-*.txt). At r = 16 the fused launch
+    was faster: 0.257–0.269 ms against 0.110–0.113 + 0.199–0.205 ms (in an earlier run, three of
+    four measurements 0.273–0.285 ms, once 0.388 ms; raw: bench/results/ortho-split-probe-*.txt)."""
     return precision == F32_SPLIT16.value and block_r == MAX_GRAM_BLOCK
 
 
