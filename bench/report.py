@@ -156,12 +156,41 @@ def render_init(path: Path, data: dict) -> str:
     return provenance(path, data) + "\n\n" + markdown_table(header, body)
 
 
+MODEL_PEERS = [("peft_lora", "PEFT LoRA"), ("peft_lora_fused", "PEFT LoRA + accelerate_peft"),
+               ("sorsa", "SORSA (ours)"), ("sorsa_reference", "reference SORSA")]
+
+
+def render_model(path: Path, data: dict) -> str:
+    model = data["model"]
+    body = []
+    for r in data["rows"]:
+        frozen_peak = r["frozen_peak_mb"]
+        losses = [r[f"{key}_loss"] for key in ("frozen", *(k for k, _ in MODEL_PEERS)) if f"{key}_loss" in r]
+        body.append([
+            str(r["tokens"]), str(r["rank"]), f"{r['frozen_ms']:.1f}",
+            *(f"{r[f'{key}_ms']:.1f} ({ratio(r[f'{key}_ratio'])})" if f"{key}_ms" in r else "–"
+              for key, _ in MODEL_PEERS),
+            f"{r['floor_projections']:.3f}×", f"{frozen_peak / 1024:.2f}",
+            *(f"+{(r[f'{key}_peak_mb'] - frozen_peak) / 1024:.2f}" if f"{key}_peak_mb" in r else "–"
+              for key, _ in MODEL_PEERS),
+            f"{max(losses) - min(losses):.1e}",
+        ])  # fmt: skip
+    header = ["tokens", "r", "frozen ms", *(f"{label} ms" for _, label in MODEL_PEERS), "projections' floor",
+              "frozen peak GiB", *(f"{label} peak GiB over frozen" for _, label in MODEL_PEERS),
+              "first-loss spread"]
+    described = (f"{model['num_hidden_layers']} layers of hidden {model['hidden_size']}, "
+                 f"MLP {model['intermediate_size']}, vocabulary {model['vocab_size']}, "
+                 f"sequences of {model['sequence']}")
+    return provenance(path, data) + f" — {described}\n\n" + markdown_table(header, body)
+
+
 SECTIONS = {
     "linear-train": ("linear", [render_linear_training]),
     "linear-plot": ("linear", [plot_linear]),
     "linear-infer": ("linear", [render_linear_inference]),
     "ortho": ("ortho", [render_ortho]),
     "init": ("init", [render_init]),
+    "model": ("model", [render_model]),
 }
 
 

@@ -15,6 +15,7 @@ SUITES = {
     "linear": "sorsa_kernels.benchmark.linear",
     "ortho": "sorsa_kernels.benchmark.ortho",
     "init": "sorsa_kernels.benchmark.init",
+    "model": "sorsa_kernels.benchmark.model",
 }
 
 
