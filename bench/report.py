@@ -161,27 +161,30 @@ MODEL_PEERS = [("peft_lora", "PEFT LoRA"), ("peft_lora_fused", "PEFT LoRA + acce
 
 
 def render_model(path: Path, data: dict) -> str:
-    model = data["model"]
+    """Every run of the newest run's day, as for the regularizer."""
+    day = data["environment"]["date"][:10]
+    runs = [(p, d) for date, p, d in gpu_results("model") if date[:10] == day]
     body = []
-    for r in data["rows"]:
-        frozen_peak = r["frozen_peak_mb"]
-        losses = [r[f"{key}_loss"] for key in ("frozen", *(k for k, _ in MODEL_PEERS)) if f"{key}_loss" in r]
-        body.append([
-            str(r["tokens"]), str(r["rank"]), f"{r['frozen_ms']:.1f}",
-            *(f"{r[f'{key}_ms']:.1f} ({ratio(r[f'{key}_ratio'])})" if f"{key}_ms" in r else "–"
-              for key, _ in MODEL_PEERS),
-            f"{r['floor_projections']:.3f}×", f"{frozen_peak / 1024:.2f}",
-            *(f"+{(r[f'{key}_peak_mb'] - frozen_peak) / 1024:.2f}" if f"{key}_peak_mb" in r else "–"
-              for key, _ in MODEL_PEERS),
-            f"{max(losses) - min(losses):.1e}",
-        ])  # fmt: skip
-    header = ["tokens", "r", "frozen ms", *(f"{label} ms" for _, label in MODEL_PEERS), "projections' floor",
+    for number, (_, run) in enumerate(runs, 1):
+        for r in run["rows"]:
+            frozen_peak = r["frozen_peak_mb"]
+            losses = [r[f"{key}_loss"] for key in ("frozen", *(k for k, _ in MODEL_PEERS)) if f"{key}_loss" in r]
+            timed = [f"{r[f'{key}_ms']:.1f} ({ratio(r[f'{key}_ratio'])})" if f"{key}_ms" in r else "–"
+                     for key, _ in MODEL_PEERS]  # fmt: skip
+            extra = [f"+{(r[f'{key}_peak_mb'] - frozen_peak) / 1024:.2f}" if f"{key}_peak_mb" in r else "–"
+                     for key, _ in MODEL_PEERS]  # fmt: skip
+            body.append([str(number), str(r["tokens"]), str(r["rank"]), f"{r['frozen_ms']:.1f}", *timed,
+                         f"{r['floor_projections']:.3f}×", f"{frozen_peak / 1024:.2f}", *extra,
+                         f"{max(losses) - min(losses):.1e}"])  # fmt: skip
+    header = ["run", "tokens", "r", "frozen ms", *(f"{label} ms" for _, label in MODEL_PEERS), "projections' floor",
               "frozen peak GiB", *(f"{label} peak GiB over frozen" for _, label in MODEL_PEERS),
               "first-loss spread"]
+    model = data["model"]
     described = (f"{model['num_hidden_layers']} layers of hidden {model['hidden_size']}, "
                  f"MLP {model['intermediate_size']}, vocabulary {model['vocab_size']}, "
                  f"sequences of {model['sequence']}")
-    return provenance(path, data) + f" — {described}\n\n" + markdown_table(header, body)
+    sources = "\n".join(f"run {number}: {provenance(p, d)}" for number, (p, d) in enumerate(runs, 1))
+    return f"{described}; {sources}\n\n" + markdown_table(header, body)
 
 
 SECTIONS = {

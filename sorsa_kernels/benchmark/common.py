@@ -51,6 +51,26 @@ def median_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float 
     return statistics.median(times) * 1000
 
 
+def synchronize(device) -> None:
+    """Wait for ``device``'s queued work (nothing to wait for on a CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def idle_host_ms(fn: Callable[[], object], device, calls: int = 5) -> float:
+    """Time for one call of ``fn`` to return, started with nothing queued on ``device``, the
+    median of ``calls``: the host's time, plus any wait for the device inside the call (a call
+    of more launches than the launch queue holds waits for room): an upper bound on the former."""
+    times = []
+    for _ in range(calls):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    synchronize(device)
+    return statistics.median(times) * 1000
+
+
 def interleaved_ms(fns: dict[str, Callable[[], object]], *, rounds: int = 5, rep_ms: float = 20) -> dict[str, list[float]]:
     """Per-round median times (ms) of each of ``fns``, timed in turn for ``rounds`` rounds (the
     order rotating each round) after one warm-up of each. A GPU's speed drifts within a run: on

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from sorsa_kernels.backends import resolve
-from sorsa_kernels.benchmark.common import format_table, median_ms, peak_memory_mb, write_results
+from sorsa_kernels.benchmark.common import format_table, median_ms, peak_memory_mb, synchronize, write_results
 from sorsa_kernels.nn.init import sorsa_init_
 from sorsa_kernels.nn.model import apply_sorsa
 from sorsa_kernels.ops.lowrank import subtract_lowrank_, subtract_lowrank_grouped_
@@ -64,16 +64,11 @@ PRODUCT_BLOCKS = [None, (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (256, 128, 6
 COLUMNS = ["config", "method", "seconds", "excess_max", "sigma_error_max", "peak_extra_mb", "note"]
 
 
-def _synchronize(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _timed(fn, device):
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     result = fn()
-    _synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start, result
 
 
@@ -242,7 +237,7 @@ def _warm_up(config):
     for _ in range(2):
         model = build_model(small)
         apply_sorsa(model, list(PROJECTIONS), config["rank"], init="rsvd", progress=False)
-    _synchronize(config["device"])
+    synchronize(config["device"])
 
 
 def _layer_errors(model, config, refs):

@@ -28,7 +28,9 @@ a ratio is the median of the per-round ratios to ``frozen``. ``*_loss`` is each 
 loss on the first step, before any update: every adapter starts from the frozen model's
 function (LoRA's B is zero, SORSA's residual plus adapter is the weight), so these agree up to
 rounding, a check that every candidate computes the same model. ``*_peak_mb`` is the peak
-memory of one step above what was allocated before it.
+memory of one step above what was allocated before it; ``*_host_ms`` the time for one step
+to return, started on an idle GPU (see :func:`~sorsa_kernels.benchmark.common.idle_host_ms`: an
+upper bound on the host's time).
 """
 
 from __future__ import annotations
@@ -40,7 +42,14 @@ import statistics
 import torch
 from torch import nn
 
-from sorsa_kernels.benchmark.common import format_table, interleaved_ms, median_ratio, peak_memory_mb, write_results
+from sorsa_kernels.benchmark.common import (
+    format_table,
+    idle_host_ms,
+    interleaved_ms,
+    median_ratio,
+    peak_memory_mb,
+    write_results,
+)
 from sorsa_kernels.benchmark.linear import ReferenceSORSALinear
 from sorsa_kernels.benchmark.ortho import loop_reference
 from sorsa_kernels.demo import LLAMA_PROJECTIONS
@@ -170,6 +179,7 @@ def measure(shape: dict, tokens: int, rank: int, device: torch.device) -> dict:
         row[f"{name}_rounds_ms"] = times[name]
         row[f"{name}_ms"] = statistics.median(times[name])
         row[f"{name}_peak_mb"] = peak_memory_mb(steps[name])
+        row[f"{name}_host_ms"] = idle_host_ms(steps[name], device)
         if name != "frozen":
             row[f"{name}_ratio"] = median_ratio(times[name], times["frozen"])
     row["floor_projections"] = _floor(shape, rank)
@@ -186,8 +196,8 @@ def _floor(shape: dict, rank: int) -> float:
 
 
 COLUMNS = ["tokens", "rank", "frozen_ms", "peft_lora_ratio", "peft_lora_fused_ratio", "sorsa_ratio",
-           "sorsa_reference_ratio", "floor_projections", "frozen_peak_mb", "peft_lora_peak_mb",
-           "sorsa_peak_mb"]  # fmt: skip
+           "sorsa_reference_ratio", "floor_projections", "frozen_host_ms", "sorsa_host_ms", "frozen_peak_mb",
+           "peft_lora_peak_mb", "sorsa_peak_mb"]  # fmt: skip
 
 
 def run(quick: bool) -> list[dict]:

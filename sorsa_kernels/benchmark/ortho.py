@@ -36,7 +36,7 @@ import torch
 
 from sorsa_kernels import ortho_reg, ortho_reg_grad_
 from sorsa_kernels.backends import resolve
-from sorsa_kernels.benchmark.common import format_table, median_ms, write_results
+from sorsa_kernels.benchmark.common import format_table, median_ms, synchronize, write_results
 
 # (out_features, in_features) of each adapted linear in one decoder layer.
 LLAMA2_7B = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
@@ -110,20 +110,15 @@ def copy_bandwidth(device) -> float:
     return 2 * src.nbytes / ms
 
 
-def _synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def host_ms(fn, device, calls: int = 20) -> float:
     """Python time per call, measured without waiting for the device."""
     fn()
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(calls):
         fn()
     elapsed = time.perf_counter() - start
-    _synchronize(device)
+    synchronize(device)
     return elapsed / calls * 1000
 
 
