@@ -209,8 +209,10 @@ def run(quick: bool) -> list[dict]:
     rows = []
     for count in tokens:
         for rank in ranks:
-            rows.append(measure(shape, count, rank, device))
-            print(format_table(rows[-1:], COLUMNS), flush=True)
+            row = measure(shape, count, rank, device)
+            rows.append(row)
+            ratios = ", ".join(f"{name} {row[f'{name}_ratio']:.3f}" for name in CANDIDATES if f"{name}_ratio" in row)
+            print(f"{count} tokens, r={rank}: step / frozen step: {ratios}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
