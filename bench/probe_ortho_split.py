@@ -3,10 +3,10 @@
 Llama-2-7B and Llama-3-8B adapter sets at r = 128 (``--r16``: r = 16; ``--chunks``: r = 128, the
 two launches under work items of several sizes; ``--blocks``: r = 128, every launch in the gradient
 items' 4-warp programs, the Gram matrices summed as 64-wide block pairs, the step fused at several
-lags). What chose ``two_launch_step`` and the per-mode
-defaults of ``sorsa_kernels.triton.ortho``; raw output in ``bench/results/ortho-split-probe-*.txt``
-(``--chunks``: ``ortho-chunks-probe-*.txt``). ``python bench/probe_ortho_split.py [--r16 | --chunks | --blocks]``
-on a GPU."""
+lags). What chose ``two_launch_step`` and the per-mode defaults of ``sorsa_kernels.triton.ortho``;
+raw output in ``bench/results/ortho-split-probe-*.txt`` (``--chunks``: ``ortho-chunks-probe-*.txt``,
+``--blocks``: ``ortho-blocks-probe-*.txt``). ``python bench/probe_ortho_split.py [--r16 | --chunks |
+--blocks]`` on a GPU."""
 
 import dataclasses
 import functools

@@ -187,8 +187,8 @@ def measure(shape: dict, tokens: int, rank: int, device: torch.device) -> dict:
 
 
 def _floor(shape: dict, rank: int) -> float:
-    """The adapters' extra FLOPs over the projections' frozen ones (forward + dx) in one layer:
-    the step's floor were the projections all it computed (attention and the head lower it)."""
+    """The adapters' FLOPs over the frozen projections' (forward + dx), plus one: the step's floor
+    if the projections were all it computed (attention and the output head make it lower)."""
     hidden, inner = shape["hidden_size"], shape["intermediate_size"]
     projections = [(hidden, hidden)] * 4 + [(hidden, inner)] * 2 + [(inner, hidden)]
     base = sum(i * o for i, o in projections)
