@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -30,6 +31,19 @@ def environment() -> dict:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def activation_dtype(device: torch.device) -> torch.dtype:
+    """The suites' activations and frozen weights: bfloat16 on a GPU, as in a
+    ``Trainer(bf16=True)`` run; float32 in the small CPU configuration."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def activation_autocast(device: torch.device):
+    """bfloat16 autocast on a GPU, as ``Trainer(bf16=True)`` runs a step; none on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def median_ms(fn: Callable[[], object], *, warmup_ms: float = 25, rep_ms: float = 100) -> float:

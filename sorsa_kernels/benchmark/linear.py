@@ -12,7 +12,6 @@ per-round ratios to dense. The floor is the adapter's extra FLOPs over the base 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import statistics
 from collections.abc import Callable, Iterator
@@ -21,7 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sorsa_kernels.benchmark.common import format_table, interleaved_ms, median_ratio, peak_memory_mb, write_results
+from sorsa_kernels.benchmark.common import (
+    activation_autocast,
+    activation_dtype,
+    format_table,
+    interleaved_ms,
+    median_ratio,
+    peak_memory_mb,
+    write_results,
+)
 from sorsa_kernels.ops.linear import sorsa_linear
 from sorsa_kernels.triton.common import graphed
 
@@ -84,12 +91,8 @@ def _fwd_bwd(fn: Callable[[], torch.Tensor], dy: torch.Tensor, leaves) -> Callab
     return step
 
 
-def _activation_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def _inputs(tokens, in_features, out_features, rank, device):
-    dtype = _activation_dtype(device)
+    dtype = activation_dtype(device)
     x = torch.randn(tokens, in_features, device=device, dtype=dtype, requires_grad=True)
     weight = torch.randn(out_features, in_features, device=device, dtype=dtype) / in_features**0.5
     U = (torch.randn(out_features, rank, device=device) / out_features**0.5).requires_grad_()
@@ -108,7 +111,6 @@ def measure_training(tokens, in_features, out_features, rank, device) -> dict:
     also the steps replayed from CUDA graphs (device time, without the host's launch costs)."""
     x, weight, U, S, Vt, dy = _inputs(tokens, in_features, out_features, rank, device)
     scale = 2.0
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     reference = ReferenceSORSALinear(weight, U.detach().clone(), S.detach().clone(), Vt.detach().clone(), scale)
     peft_layer = _peft_lora_layer(weight, rank, alpha=scale * rank)
     candidates = {
@@ -121,7 +123,7 @@ def measure_training(tokens, in_features, out_features, rank, device) -> dict:
         candidates["peft_lora"] = lambda: peft_layer(x)
     row = dict(mode="train", tokens=tokens, in_features=in_features, out_features=out_features, rank=rank)
     leaves = [x, U, S, Vt, *reference.parameters(), *(peft_layer.parameters() if peft_layer is not None else ())]
-    with autocast:
+    with activation_autocast(device):
         steps = {name: _fwd_bwd(fn, dy, leaves) for name, fn in candidates.items()}
         _record(row, "", interleaved_ms(steps))
         row["dense_peak_mb"] = peak_memory_mb(steps["dense"])

@@ -35,7 +35,6 @@ upper bound on the host's time).
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import statistics
 
@@ -43,6 +42,8 @@ import torch
 from torch import nn
 
 from sorsa_kernels.benchmark.common import (
+    activation_autocast,
+    activation_dtype,
     format_table,
     idle_host_ms,
     interleaved_ms,
@@ -53,8 +54,7 @@ from sorsa_kernels.benchmark.common import (
 from sorsa_kernels.benchmark.linear import ReferenceSORSALinear
 from sorsa_kernels.benchmark.ortho import loop_reference
 from sorsa_kernels.demo import LLAMA_PROJECTIONS
-from sorsa_kernels.nn.linear import SORSALinear
-from sorsa_kernels.nn.model import apply_ortho_grad_, apply_sorsa
+from sorsa_kernels.nn.model import apply_ortho_grad_, apply_sorsa, sorsa_layers
 
 # Llama-2-7B's layer, four of them, sequences of 2048 tokens.
 GPU_MODEL = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=4,
@@ -84,17 +84,7 @@ def _llama(shape: dict, device: torch.device) -> nn.Module:
     torch.manual_seed(SEED)
     with torch.device(device):
         model = LlamaForCausalLM(config)
-    return model.to(_model_dtype(device))
-
-
-def _model_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return model.to(activation_dtype(device))
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -129,11 +119,12 @@ def _sorsa(shape, rank, device):
 
 def _sorsa_reference(shape, rank, device):
     model, _ = _sorsa(shape, rank, device)
-    for name, layer in [(name, module) for name, module in model.named_modules() if isinstance(module, SORSALinear)]:
+    references = []
+    for name, layer in list(sorsa_layers(model)):
         parent_name, _, child = name.rpartition(".")
         factors = (layer.weight.detach(), *(t.detach().clone() for t in (layer.U, layer.S, layer.Vt)))
-        setattr(model.get_submodule(parent_name), child, ReferenceSORSALinear(*factors, layer.scale))
-    references = [m for m in model.modules() if isinstance(m, ReferenceSORSALinear)]
+        references.append(ReferenceSORSALinear(*factors, layer.scale))
+        setattr(model.get_submodule(parent_name), child, references[-1])
     Us, Vts = [m.sorsa_B for m in references], [m.sorsa_A for m in references]
     return model, lambda: loop_reference(Us, Vts, GAMMA / PEAK_LR)
 
@@ -148,7 +139,7 @@ def training_step(model: nn.Module, regularize, batch: torch.Tensor, device: tor
     optimizer = torch.optim.AdamW(params, lr=PEAK_LR) if params else None
 
     def step():
-        with _autocast(device):
+        with activation_autocast(device):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         if optimizer is not None:
