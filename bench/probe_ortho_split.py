@@ -5,8 +5,9 @@ two launches under work items of several sizes; ``--blocks``: r = 128, every lau
 items' 4-warp programs, the Gram matrices summed as 64-wide block pairs, the step fused at several
 lags). What chose ``two_launch_step`` and the per-mode defaults of ``sorsa_kernels.triton.ortho``;
 raw output in ``bench/results/ortho-split-probe-*.txt`` (``--chunks``: ``ortho-chunks-probe-*.txt``,
-``--blocks``: ``ortho-blocks-probe-*.txt``). ``python bench/probe_ortho_split.py [--r16 | --chunks |
---blocks]`` on a GPU."""
+``--blocks``: ``ortho-blocks-probe-*.txt``; ``--tma``: the Gram launch's tiles read by TMA or through
+pointers, ``ortho-tma-probe-*.txt``). ``python bench/probe_ortho_split.py [--r16 | --chunks | --blocks |
+--tma]`` on a GPU."""
 
 import dataclasses
 import functools
@@ -74,6 +75,25 @@ def main():
                 G(chunk_rows=rows, num_stages=stages) for rows in (1024, 2048, 4096, 8192) for stages in (3, 4)
             ]
             accumulate_configs = [A(chunk_rows=rows) for rows in (1024, 2048, 4096)]
+        elif "--tma" in sys.argv:
+            # The Gram launch's tiles read by TMA (descriptors made in the kernel) against pointers.
+            G, A = varied(rank, "forward"), varied(rank, "accumulate")
+            gram_configs = [G(gram_tma=False), G(), G(num_stages=3), G(gram_rows=32, num_stages=6),
+                            G(gram_rows=128, num_stages=2), G(chunk_rows=2048)]
+            accumulate_configs = [A()]
+            # The TMA launch against the pointer one: the same Gram matrices, so the same gradients.
+            outputs = []
+            for gram_config in (G(gram_tma=False), G()):
+                for grad in grads:
+                    grad.zero_()
+                T.override = gram_config
+                gram()
+                T.override = A()
+                accumulate()
+                outputs.append([grad.clone() for grad in grads])
+            T.override = None
+            worst = max(((a - b).norm() / b.norm()).item() for a, b in zip(*outputs))
+            print(f"{name}: Gram matrices by TMA: largest relative difference from pointers {worst:.1e}")
         elif "--blocks" in sys.argv:
             # One register allocation can serve both kinds of item when the Gram accumulators are 64 wide.
             A = varied(rank, "accumulate")
@@ -126,7 +146,7 @@ def main():
                     label = (
                         f"{phase} c{config.chunk_rows} g{config.gram_rows} d{config.gradient_rows} n{config.block_n} "
                         f"gb{config.gram_block} l{config.lag} w{config.num_warps} s{config.num_stages} "
-                        f"pps{config.programs_per_sm} os{config.output_stages} #{round_}"
+                        f"pps{config.programs_per_sm} os{config.output_stages} tma{config.gram_tma:d} #{round_}"
                     )
                     rows.append((label, ms))
         print(f"--- {name}")

@@ -74,7 +74,7 @@ def compile_variant(dtype, precision: int, block_r: int, mode: str, config) -> t
         NUM_K=max(1, block_r // ortho.MAX_GRAM_BLOCK),
         COMPLETE_ROWS=ortho._complete_rows(block_r, min(block_r, ortho.MAX_GRAM_BLOCK), config.num_warps),
         ALIGNED=True, OUT_ALIGNED=True, VEC=16 // itemsize,
-        VALUE_BLOCK=1024, OUTPUT_STAGES=config.output_stages,
+        VALUE_BLOCK=1024, OUTPUT_STAGES=config.output_stages, GRAM_TMA=config.gram_tma,
     )
     signature = {name: "constexpr" if name in constexprs else {**POINTERS, **FLOATS, **INT64}.get(name, "i32")
                  for name in fn.arg_names}

@@ -213,6 +213,34 @@ def test_grad_at_gram_width_128_beside_another_dtype(backend, form):
         assert_close(p.grad, 0.7 * ref + before[i].double(), 1e-5, f"grad {i}")
 
 
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gram_launch_reads_aligned_factors_by_tma(form, dtype, monkeypatch):
+    """The Gram launch (ortho_reg's forward, the first of a two-launch step) reads 16-byte aligned
+    factors by TMA: U row-major, Vt as the rows of Vtᵀ, ranks past one Gram block in block pairs,
+    lengths cut into several items. The value and every gradient match float64, and under the
+    interpreter the pointer loop, replaced by one that fails, is never reached (a compiled kernel
+    resolves every function it names, reached or not)."""
+    ortho = pytest.importorskip("sorsa_kernels.triton.ortho")
+    if "triton" not in [p.values[0] for p in BACKENDS if not p.marks]:
+        pytest.skip("the triton backend cannot run here")
+    if not ortho.HAS_DEVICE_TMA:
+        pytest.skip("this Triton makes no tensor descriptors in kernels (triton < 3.4)")
+    if DEVICE.type == "cuda":
+        monkeypatch.setattr(ortho, "override", ortho.Config(16, 16, 32, 32, programs_per_sm=2, gram_tma=True))
+    else:
+
+        def pointer_loop(*args):
+            raise AssertionError("the Gram launch read aligned factors through pointers")
+
+        monkeypatch.setattr(ortho, "_gram_rows", pointer_loop)
+    Us, Vts = make(([(96, 136), (40, 8)], [(136, 52), (8, 36)]), dtype)
+    with poisoned_allocations():
+        value = ortho_reg(Us, Vts, form, backend="triton")
+    grads = torch.autograd.grad(value, Us + Vts)
+    check(value, grads, Us, Vts, form, 1e-5)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_float64_keeps_the_coefficient_exact(backend):
     """0.1 is not a float32: a coefficient rounded to one would be off by 1.5e-9."""

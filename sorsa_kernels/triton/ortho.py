@@ -5,7 +5,9 @@ gradients, where the two kinds of work want different programs: see :func:`two_l
 Interface: :mod:`sorsa_kernels.reference.ortho`. Each factor is read as its tall matrix
 ``X [L, r]`` (``U`` as is, ``Vt`` through ``Vtᵀ``) through device-side tables of data pointers,
 ranks and strides that :class:`Plan` builds once per factor set, so a launch covers any number of
-adapters of any shapes; factors of different dtypes take one launch per dtype.
+adapters of any shapes; factors of different dtypes take one launch per dtype. The Gram launch
+reads the tiles of aligned row- and column-major factors by TMA, through descriptors each work
+item makes (Triton >= 3.4; see :func:`_gram_rows_tma`).
 
 One launch, a queue of work items
     A grid of a few programs per SM takes work items in order from an atomic ticket counter
@@ -149,6 +151,9 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 # How often a gradient item polls its matrix's arrival counter before it gives up (seconds).
 MAX_POLLS = tl.constexpr(1 << 24)
 
+# Tensor descriptors made in the kernel (triton >= 3.4), which a launch gives global scratch memory.
+HAS_DEVICE_TMA = hasattr(tl, "make_tensor_descriptor")
+
 # Gram blocks are at most this wide (a 128×128 float32 accumulator per program).
 MAX_GRAM_BLOCK = 128
 
@@ -246,22 +251,75 @@ def _gram_rows(acc, squares, peaks, ptr, stride_l, stride_r, row_start, row_end,
     tile in round-to-nearest, and for a unit column those sums stay near zero (no cancellation
     when the item's share of I is settled). (Float64 squares reduced across the tile in every
     step took a quarter of the Gram launch's time on an H100.)"""
-    # A zero the compiler cannot prove zero: it would fold ``acc + dot(a, b, 0)`` into
-    # ``dot(a, b, acc)``, chaining the accumulation again.
-    fresh = tl.full(acc.shape, row_end.to(tl.float32) * 0.0, acc.dtype)
+    fresh = _fresh_zero(acc, row_end)
     for start in range(row_start, row_end, BLOCK_L):
         rows = start + tl.arange(0, BLOCK_L)
         xa = _load_tile(ptr, rows, cols_a, stride_l, stride_r, row_end, rank, VECTOR)
         if SAME:
-            product, inverse = _gram_product(fresh, xa, xa, PRECISION, True)
-            xs = xa.to(squares.dtype)
-            squares += xs * xs - inverse_length
+            xb = xa
         else:
             xb = _load_tile(ptr, rows, cols_b, stride_l, stride_r, row_end, rank, VECTOR)
-            product, inverse = _gram_product(fresh, xa, xb, PRECISION, False)
-        acc += product
-        peaks = _track_peaks(peaks, inverse, xa, PRECISION)
+        acc, squares, peaks = _gram_tile(acc, squares, peaks, fresh, xa, xb, inverse_length, PRECISION, SAME)
     return acc, squares, peaks
+
+
+@triton.jit
+def _gram_rows_tma(acc, squares, peaks, ptr, stride, row_start, row_end, rank, col_a, col_b, inverse_length,
+                   BLOCK_L: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr, SAME: tl.constexpr,
+                   TRANSPOSED: tl.constexpr):
+    """:func:`_gram_rows` over a row-major ``X`` (``stride`` between rows) or, ``TRANSPOSED``, a
+    row-major ``Xᵀ`` (``Vt``), its tiles read by TMA: their address arithmetic, masks and
+    registers leave the loop (H100, Llama-2-7B set: the Gram launch 0.63–0.64 ms against
+    0.68–0.69 ms through pointers)."""
+    desc = _tall_descriptor(ptr, row_end, rank, stride, BLOCK_L, BLOCK, TRANSPOSED)
+    fresh = _fresh_zero(acc, row_end)
+    for start in range(row_start, row_end, BLOCK_L):
+        xa = _tma_tile(desc, start, col_a, TRANSPOSED)
+        if SAME:
+            xb = xa
+        else:
+            xb = _tma_tile(desc, start, col_b, TRANSPOSED)
+        acc, squares, peaks = _gram_tile(acc, squares, peaks, fresh, xa, xb, inverse_length, PRECISION, SAME)
+    return acc, squares, peaks
+
+
+@triton.jit
+def _fresh_zero(acc, row_end):
+    """A zero the compiler cannot prove zero: it would fold ``acc + dot(a, b, 0)`` into
+    ``dot(a, b, acc)``, chaining the accumulation again."""
+    return tl.full(acc.shape, row_end.to(tl.float32) * 0.0, acc.dtype)
+
+
+@triton.jit
+def _gram_tile(acc, squares, peaks, fresh, xa, xb, inverse_length, PRECISION: tl.constexpr, SAME: tl.constexpr):
+    """One tile of rows into the sums of :func:`_gram_rows` (``xb`` is ``xa`` when ``SAME``)."""
+    product, inverse = _gram_product(fresh, xa, xb, PRECISION, SAME)
+    if SAME:
+        xs = xa.to(squares.dtype)
+        squares += xs * xs - inverse_length
+    return acc + product, squares, _track_peaks(peaks, inverse, xa, PRECISION)
+
+
+@triton.jit
+def _tall_descriptor(ptr, rows, rank, stride, BLOCK_L: tl.constexpr, BLOCK: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """A TMA descriptor of the first ``rows`` rows of a tall matrix ``[L, rank]`` stored row-major
+    (of ``Xᵀ`` when TRANSPOSED), in tiles of BLOCK_L rows and BLOCK columns: past ``rows`` and
+    ``rank`` its loads read zeros, as the masked loads of the pointer loops do."""
+    if TRANSPOSED:
+        desc = tl.make_tensor_descriptor(ptr, shape=[rank, rows], strides=[stride, 1], block_shape=[BLOCK, BLOCK_L])
+    else:
+        desc = tl.make_tensor_descriptor(ptr, shape=[rows, rank], strides=[stride, 1], block_shape=[BLOCK_L, BLOCK])
+    return desc
+
+
+@triton.jit
+def _tma_tile(desc, row, col, TRANSPOSED: tl.constexpr):
+    """The ``[BLOCK_L, BLOCK]`` tile at ``(row, col)`` of a tall matrix, through its descriptor."""
+    if TRANSPOSED:
+        tile = tl.trans(desc.load([col, row]))
+    else:
+        tile = desc.load([row, col])
+    return tile
 
 
 @triton.jit
@@ -278,15 +336,19 @@ def _track_peaks(peaks, inverse, xa, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE: tl.constexpr,
+def _gram_sum(entry, ptr, kind, row_start, row_end, rank, col_a, col_b, ACC_DTYPE: tl.constexpr,
               PRECISION: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK: tl.constexpr, SAME: tl.constexpr,
-              ALIGNED: tl.constexpr, VEC: tl.constexpr):
+              ALIGNED: tl.constexpr, VEC: tl.constexpr, TMA: tl.constexpr):
     """``(share, inverse)``: the item's share of ``D = G − I``, ``X[rows, cols_a]ᵀ X[rows, cols_b]``
     over its rows (see :func:`_gram_product`), less ``(rows / L)·I`` on a diagonal block, so that
     the shares of a matrix sum to ``G − I`` and every partial sum stays as small as ``D`` (no
     cancellation); and where the gradient splits ``X`` into float16 pairs, the split inverse of
     the largest magnitude read (see :func:`_fp16_scaling`): the gradient items scale every tile
-    of the matrix by the largest over its Gram items, with no reduction of their own."""
+    of the matrix by the largest over its Gram items, with no reduction of their own. ``col_a``,
+    ``col_b``: the first columns of the two blocks; TMA: aligned row- and column-major factors
+    are read by TMA."""
+    cols_a = col_a + tl.arange(0, BLOCK)
+    cols_b = col_b + tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK, BLOCK), ACC_DTYPE)
     squares = tl.zeros((BLOCK_L, BLOCK), ACC_DTYPE)
     if PRECISION == HALF:
@@ -300,7 +362,15 @@ def _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DT
     inverse_length = inverse_length.to(tl.float32, bitcast=True).to(ACC_DTYPE)
     # One loop per layout, so that the compiler knows the contiguous dimension (stride 1) and,
     # when aligned, the other stride's divisibility (loaded in its branch, so the hint stays true).
-    if kind == ROW_MAJOR:
+    if TMA and ALIGNED and kind == ROW_MAJOR:
+        acc, squares, peaks = _gram_rows_tma(acc, squares, peaks, ptr, tl.load(entry + MAT_STRIDE_L), row_start,
+                                             row_end, rank, col_a, col_b, inverse_length, BLOCK_L, BLOCK, PRECISION,
+                                             SAME, False)
+    elif TMA and ALIGNED and kind == COL_MAJOR:
+        acc, squares, peaks = _gram_rows_tma(acc, squares, peaks, ptr, tl.load(entry + MAT_STRIDE_R), row_start,
+                                             row_end, rank, col_a, col_b, inverse_length, BLOCK_L, BLOCK, PRECISION,
+                                             SAME, True)
+    elif kind == ROW_MAJOR:
         stride_l = tl.load(entry + MAT_STRIDE_L)
         if ALIGNED:
             stride_l = tl.multiple_of(stride_l, VEC)
@@ -363,7 +433,7 @@ def _complete_gram(gram, gram_width, rank, ACC_DTYPE: tl.constexpr, BLOCK: tl.co
 def _gram_item(item, mats, deviations, norms, inverses, arrivals, gram_stride, gram_width,
                DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_L: tl.constexpr,
                BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr, NUM_K: tl.constexpr,
-               COMPLETE_ROWS: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr):
+               COMPLETE_ROWS: tl.constexpr, ALIGNED: tl.constexpr, VEC: tl.constexpr, TMA: tl.constexpr):
     # The stack's width is a multiple of 16 (Plan): 16-byte atomics.
     gram_width = tl.multiple_of(gram_width, 16)
     gram_stride = tl.multiple_of(gram_stride, 256)
@@ -390,11 +460,11 @@ def _gram_item(item, mats, deviations, norms, inverses, arrivals, gram_stride, g
     # A diagonal block pair sums xᵀx (two split products), any other pair xaᵀxb (three). With one
     # block the pair is diagonal at compile time.
     if block_a == block_b:
-        acc, inverse = _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE, PRECISION,
-                                 BLOCK_L, BLOCK, True, ALIGNED, VEC)
+        acc, inverse = _gram_sum(entry, ptr, kind, row_start, row_end, rank, block_a * BLOCK, block_b * BLOCK,
+                                 ACC_DTYPE, PRECISION, BLOCK_L, BLOCK, True, ALIGNED, VEC, TMA)
     else:
-        acc, inverse = _gram_sum(entry, ptr, kind, row_start, row_end, rank, cols_a, cols_b, ACC_DTYPE, PRECISION,
-                                 BLOCK_L, BLOCK, False, ALIGNED, VEC)
+        acc, inverse = _gram_sum(entry, ptr, kind, row_start, row_end, rank, block_a * BLOCK, block_b * BLOCK,
+                                 ACC_DTYPE, PRECISION, BLOCK_L, BLOCK, False, ALIGNED, VEC, TMA)
     # The block pair as summed (block_a <= block_b): the completing item symmetrizes.
     gram = deviations + index * gram_stride
     mask = (cols_a[:, None] < rank) & (cols_b[None, :] < rank)
@@ -606,10 +676,11 @@ def _ortho_kernel(mats, outs, out_base, work, num_items, queue, arrivals, deviat
                   BLOCK: tl.constexpr, NUM_BLOCKS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   NUM_K: tl.constexpr, COMPLETE_ROWS: tl.constexpr, ALIGNED: tl.constexpr,
                   OUT_ALIGNED: tl.constexpr, VEC: tl.constexpr, VALUE_BLOCK: tl.constexpr,
-                  OUTPUT_STAGES: tl.constexpr):
+                  OUTPUT_STAGES: tl.constexpr, GRAM_TMA: tl.constexpr):
     """The work queue of one dtype group; GRAM and GRADIENT_PHASE say which kinds of items it
     holds (both: gradient items wait for their matrix), VALUE that the last program to finish
-    sums the norms of all ``value_count`` matrices into ``value``."""
+    sums the norms of all ``value_count`` matrices into ``value``; GRAM_TMA that Gram items read
+    aligned factors by TMA."""
     # The coefficient comes as a float32 pair (float arguments are float32): exact to 2^-48.
     factor = tl.cast(coeff_hi, ACC_DTYPE) + tl.cast(coeff_lo, ACC_DTYPE)
     if SCALED:
@@ -624,10 +695,12 @@ def _ortho_kernel(mats, outs, out_base, work, num_items, queue, arrivals, deviat
                                GRADIENT_ROWS, BLOCK_N, BLOCK_K, NUM_K, OUT_ALIGNED, VEC, OUTPUT_STAGES)
             else:
                 _gram_item(item, mats, deviations, norms, inverses, arrivals, gram_stride, gram_width, DTYPE, ACC_DTYPE,
-                           PRECISION, GRAM_ROWS, BLOCK, NUM_BLOCKS, BLOCK_K, NUM_K, COMPLETE_ROWS, ALIGNED, VEC)
+                           PRECISION, GRAM_ROWS, BLOCK, NUM_BLOCKS, BLOCK_K, NUM_K, COMPLETE_ROWS, ALIGNED, VEC,
+                       GRAM_TMA)
         elif GRAM:
             _gram_item(item, mats, deviations, norms, inverses, arrivals, gram_stride, gram_width, DTYPE, ACC_DTYPE,
-                       PRECISION, GRAM_ROWS, BLOCK, NUM_BLOCKS, BLOCK_K, NUM_K, COMPLETE_ROWS, ALIGNED, VEC)
+                       PRECISION, GRAM_ROWS, BLOCK, NUM_BLOCKS, BLOCK_K, NUM_K, COMPLETE_ROWS, ALIGNED, VEC,
+                       GRAM_TMA)
         else:
             _gradient_item(item, mats, outs, out_base, deviations, norms, inverses, arrivals, factor, gram_stride,
                            gram_width, count, official, DTYPE, ACC_DTYPE, PRECISION, False, ACCUMULATE, GRADIENT_ROWS,
@@ -664,7 +737,8 @@ class Config:
     widest Gram block one item sums (a rank above it is cut into block pairs, each its own
     item: smaller accumulators and fewer products, the rows read once per block pair);
     ``output_stages``: when set, the gradient loop is pipelined this deep over the ``.grad``
-    tiles it reads as well as the factor tiles (shared memory for both).
+    tiles it reads as well as the factor tiles (shared memory for both); ``gram_tma``: the Gram
+    items read aligned factors by TMA (where Triton has tensor descriptors).
     """
 
     gram_rows: int
@@ -677,6 +751,7 @@ class Config:
     programs_per_sm: int = 1
     gram_block: int = MAX_GRAM_BLOCK
     output_stages: int | None = None
+    gram_tma: bool = False
 
     def __post_init__(self):
         if self.chunk_rows % self.gram_rows or self.chunk_rows % self.gradient_rows:
@@ -719,9 +794,12 @@ def two_launch_step(precision: int, block_r: int) -> bool:
     (Gram items of 1024 rows; 0.68 ms in the 4096-row items of default_configs) + 1.43 ms against
     3.19–3.43 ms fused (Llama-3-8B 0.78 + 1.51 against 3.32–3.58 ms); fused in the gradient items'
     programs with 64-wide Gram block pairs, 2.39–2.59 ms against 2.09–2.11 (the Gram items alone
-    1.03–1.12 ms there; raw: bench/results/ortho-blocks-probe-*.txt). At r = 16 the fused launch
-    was faster: 0.257–0.269 ms against 0.110–0.113 + 0.199–0.205 ms (in an earlier run, three of
-    four measurements 0.273–0.285 ms, once 0.388 ms; raw: bench/results/ortho-split-probe-*.txt)."""
+    1.03–1.12 ms there; raw: bench/results/ortho-blocks-probe-*.txt). Nor did the two launches gain
+    when run beside each other (the gradient launch a programmatic dependent of a Gram launch on
+    part of the SMs): 2.13–3.02 ms against 2.18 (raw: bench/results/ortho-overlap-probe-*.txt). At
+    r = 16 the fused launch was faster: 0.257–0.269 ms against 0.110–0.113 + 0.199–0.205 ms (in an
+    earlier run, three of four measurements 0.273–0.285 ms, once 0.388 ms; raw:
+    bench/results/ortho-split-probe-*.txt)."""
     return precision == F32_SPLIT16.value and block_r == MAX_GRAM_BLOCK
 
 
@@ -730,8 +808,9 @@ def default_configs(precision: int, block_r: int, itemsize: int, mode: str = "st
     mode (``"forward"``: Gram items alone; ``"backward"``, ``"accumulate"``: gradient items
     alone; ``"step"``: both), in order of preference."""
     if _triton_interpreted():
-        # Small chunks: many Gram items per matrix and gradient items interleaved with them.
-        return [Config(16, 16, min(block_r, 32), 32, lag=1.0, programs_per_sm=2)]
+        # Small chunks: many Gram items per matrix and gradient items interleaved with them; the
+        # Gram launch alone reads by TMA, the step's Gram items through pointers (both covered).
+        return [Config(16, 16, min(block_r, 32), 32, lag=1.0, programs_per_sm=2, gram_tma=mode == "forward")]
     # Tiles of up to 16 KiB of factor rows (enough bytes in flight per program at small ranks).
     rows = max(16, min(128, (16 << 10) // (block_r * itemsize)))
     # Work items of about 512 KiB of factor rows: a Gram item's atomic update (r² floats) stays
@@ -761,9 +840,12 @@ def default_configs(precision: int, block_r: int, itemsize: int, mode: str = "st
         # by two 4-warp programs per SM on 64×64 tiles, 1.43 ms, against 1.65 ms for 32×128
         # tiles, 1.82 ms for 32×64, 1.89 ms for 16×128, 1.81 ms for 128×128 tiles at one 8-warp
         # program, 2.34 ms for 64×128 at 8 warps, and 2.09–2.13 ms where a third stage or
-        # prefetched .grad tiles leave room for one program per SM.
+        # prefetched .grad tiles leave room for one program per SM. The Gram launch's tiles read
+        # by TMA: 0.63–0.64 ms against 0.68–0.69 (Llama-3-8B 0.67–0.68 against 0.72–0.74; three
+        # stages alike; reading the gradient launch's tiles by TMA made ptxas spill 3 KB and took
+        # 1.46 ms against 1.43; bench/results/ortho-tma-probe-*.txt).
         if mode == "forward":
-            return [Config(64, 128, block_r, 4096, 1.0, 8, 4)] + fallbacks
+            return [Config(64, 128, block_r, 4096, 1.0, 8, 4, gram_tma=True)] + fallbacks
         return [Config(64, 64, 64, chunk, 1.0, 4, 2, programs_per_sm=2)] + fallbacks
     # Tiles of 4096 elements and two 4-warp programs per SM (both resident; ptxas spills under
     # 200 bytes): on an H100 (Llama-2-7B set, float32) r = 64 took 1.09 ms against 1.89 ms for
@@ -1099,7 +1181,21 @@ class _Launch:
         arguments = self.arguments.copy()
         for slot, name in zip(self.slots, _PER_CALL):
             arguments[slot] = per_call[name]
+        _provide_scratch(self.config)
         _launch_kernel(self.kernel, self.programs, arguments)
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the tensor descriptors a launch makes in its programs (on the current
+    device and stream, where the launch runs; torch's blocks are aligned to 512 bytes)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _provide_scratch(config: Config):
+    """Before a launch whose kernel makes tensor descriptors: Triton asks its allocator, a setting
+    of the calling thread (autograd runs backward passes on threads of its own), for their memory."""
+    if config.gram_tma and HAS_DEVICE_TMA:
+        triton.set_allocator(_descriptor_scratch)
 
 
 def _launch_kernel(kernel: CompiledLaunch, programs: int, arguments: list):
@@ -1141,9 +1237,10 @@ def _first_launch(plan: Plan, group: _Group, variant: tuple, per_call: dict) -> 
             BLOCK_K=group.block_k, NUM_K=group.block_r // group.block_k,
             COMPLETE_ROWS=_complete_rows(group.block_r, group.block_k, config.num_warps),
             ALIGNED=group.aligned, OUT_ALIGNED=out_aligned, VEC=group.vec, VALUE_BLOCK=1024,
-            OUTPUT_STAGES=config.output_stages,
+            OUTPUT_STAGES=config.output_stages, GRAM_TMA=config.gram_tma and HAS_DEVICE_TMA,
             **{name: per_call[name] for name in _PER_CALL},
         )
+        _provide_scratch(config)
         try:
             compiled = _ortho_kernel[(programs,)](**arguments, num_warps=config.num_warps,
                                                   num_stages=config.num_stages)
