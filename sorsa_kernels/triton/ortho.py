@@ -796,7 +796,7 @@ def two_launch_step(precision: int, block_r: int) -> bool:
     programs with 64-wide Gram block pairs, 2.39–2.59 ms against 2.09–2.11 (the Gram items alone
     1.03–1.12 ms there; raw: bench/results/ortho-blocks-probe-*.txt). Nor did the two launches gain
     when run beside each other (the gradient launch a programmatic dependent of a Gram launch on
-    part of the SMs): 2.13–3.02 ms against 2.18 (raw: bench/results/ortho-overlap-probe-*.txt). At
+    part of the SMs): 2.13–2.88 ms against 2.18 (raw: bench/results/ortho-overlap-probe-*.txt). At
     r = 16 the fused launch was faster: 0.257–0.269 ms against 0.110–0.113 + 0.199–0.205 ms (in an
     earlier run, three of four measurements 0.273–0.285 ms, once 0.388 ms; raw:
     bench/results/ortho-split-probe-*.txt)."""
