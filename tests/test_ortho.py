@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from sorsa_kernels import ortho_reg, ortho_reg_grad_
+from sorsa_kernels.backends import why_unavailable
 from support import (
     DEVICE,
     TOLERANCE,
@@ -222,8 +223,9 @@ def test_gram_launch_reads_aligned_factors_by_tma(form, dtype, monkeypatch):
     interpreter the pointer loop, replaced by one that fails, is never reached (a compiled kernel
     resolves every function it names, reached or not)."""
     ortho = pytest.importorskip("sorsa_kernels.triton.ortho")
-    if "triton" not in [p.values[0] for p in BACKENDS if not p.marks]:
-        pytest.skip("the triton backend cannot run here")
+    reason = why_unavailable("triton", DEVICE)
+    if reason:
+        pytest.skip(f"triton backend: {reason}")
     if not ortho.HAS_DEVICE_TMA:
         pytest.skip("this Triton makes no tensor descriptors in kernels (triton < 3.4)")
     if DEVICE.type == "cuda":

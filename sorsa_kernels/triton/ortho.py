@@ -1191,10 +1191,15 @@ def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+def _makes_descriptors(config: Config) -> bool:
+    """Whether a launch under ``config`` makes tensor descriptors in its programs."""
+    return config.gram_tma and HAS_DEVICE_TMA
+
+
 def _provide_scratch(config: Config):
     """Before a launch whose kernel makes tensor descriptors: Triton asks its allocator, a setting
     of the calling thread (autograd runs backward passes on threads of its own), for their memory."""
-    if config.gram_tma and HAS_DEVICE_TMA:
+    if _makes_descriptors(config):
         triton.set_allocator(_descriptor_scratch)
 
 
@@ -1237,7 +1242,7 @@ def _first_launch(plan: Plan, group: _Group, variant: tuple, per_call: dict) -> 
             BLOCK_K=group.block_k, NUM_K=group.block_r // group.block_k,
             COMPLETE_ROWS=_complete_rows(group.block_r, group.block_k, config.num_warps),
             ALIGNED=group.aligned, OUT_ALIGNED=out_aligned, VEC=group.vec, VALUE_BLOCK=1024,
-            OUTPUT_STAGES=config.output_stages, GRAM_TMA=config.gram_tma and HAS_DEVICE_TMA,
+            OUTPUT_STAGES=config.output_stages, GRAM_TMA=_makes_descriptors(config),
             **{name: per_call[name] for name in _PER_CALL},
         )
         _provide_scratch(config)
