@@ -221,7 +221,8 @@ def test_gram_launch_reads_aligned_factors_by_tma(form, dtype, monkeypatch):
     factors by TMA: U row-major, Vt as the rows of Vtᵀ, ranks past one Gram block in block pairs,
     lengths cut into several items. The value and every gradient match float64, and under the
     interpreter the pointer loop, replaced by one that fails, is never reached (a compiled kernel
-    resolves every function it names, reached or not)."""
+    resolves every function it names, reached or not). The descriptors' memory comes from the
+    package's allocator, not from one the caller set in Triton, which is in place again after."""
     ortho = pytest.importorskip("sorsa_kernels.triton.ortho")
     reason = why_unavailable("triton", DEVICE)
     if reason:
@@ -236,9 +237,17 @@ def test_gram_launch_reads_aligned_factors_by_tma(form, dtype, monkeypatch):
             raise AssertionError("the Gram launch read aligned factors through pointers")
 
         monkeypatch.setattr(ortho, "_gram_rows", pointer_loop)
+    def callers_allocator(size, alignment, stream):
+        raise AssertionError("the Gram launch asked the caller's allocator for its descriptors' memory")
+
     Us, Vts = make(([(96, 136), (40, 8)], [(136, 52), (8, 36)]), dtype)
-    with poisoned_allocations():
-        value = ortho_reg(Us, Vts, form, backend="triton")
+    token = ortho._triton_allocator.set(callers_allocator)
+    try:
+        with poisoned_allocations():
+            value = ortho_reg(Us, Vts, form, backend="triton")
+        assert ortho._triton_allocator.get() is callers_allocator, "the caller's allocator was replaced"
+    finally:
+        ortho._triton_allocator.reset(token)
     grads = torch.autograd.grad(value, Us + Vts)
     check(value, grads, Us, Vts, form, 1e-5)
 

@@ -87,6 +87,7 @@ import heapq
 import math
 import typing
 from collections import OrderedDict
+from contextvars import ContextVar
 
 import numpy
 import torch
@@ -97,6 +98,11 @@ from triton.runtime import OutOfResources
 from sorsa_kernels.backends import _triton_interpreted
 from sorsa_kernels.reference.ortho import factor_matrices, gram_dtype
 from sorsa_kernels.triton.common import CompiledLaunch, on_device
+
+try:  # Triton's allocator setting (a context variable), to hand back after our launches
+    from triton.runtime._allocation import _allocator as _triton_allocator
+except ImportError:  # triton < 3.4: kernels make no tensor descriptors
+    _triton_allocator = None
 
 # How a tall matrix lies in memory: along r (U), along L (Vtᵀ), or neither; SKIP: no output wanted.
 ROW_MAJOR = tl.constexpr(0)
@@ -1181,8 +1187,7 @@ class _Launch:
         arguments = self.arguments.copy()
         for slot, name in zip(self.slots, _PER_CALL):
             arguments[slot] = per_call[name]
-        _provide_scratch(self.config)
-        _launch_kernel(self.kernel, self.programs, arguments)
+        _launch_with_scratch(self.config, lambda: _launch_kernel(self.kernel, self.programs, arguments))
 
 
 def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -1196,11 +1201,20 @@ def _makes_descriptors(config: Config) -> bool:
     return config.gram_tma and HAS_DEVICE_TMA
 
 
-def _provide_scratch(config: Config):
-    """Before a launch whose kernel makes tensor descriptors: Triton asks its allocator, a setting
-    of the calling thread (autograd runs backward passes on threads of its own), for their memory."""
-    if _makes_descriptors(config):
+def _launch_with_scratch(config: Config, launch: typing.Callable[[], object]):
+    """``launch()``, for a kernel that makes tensor descriptors with our allocator in place: Triton
+    asks its allocator, a setting of the calling thread (autograd runs backward passes on threads
+    of its own), for their memory as it launches; the caller's own setting is back afterwards."""
+    if not _makes_descriptors(config):
+        return launch()
+    if not isinstance(_triton_allocator, ContextVar):  # a Triton whose setting cannot be handed back
         triton.set_allocator(_descriptor_scratch)
+        return launch()
+    token = _triton_allocator.set(_descriptor_scratch)
+    try:
+        return launch()
+    finally:
+        _triton_allocator.reset(token)
 
 
 def _launch_kernel(kernel: CompiledLaunch, programs: int, arguments: list):
@@ -1245,10 +1259,9 @@ def _first_launch(plan: Plan, group: _Group, variant: tuple, per_call: dict) -> 
             OUTPUT_STAGES=config.output_stages, GRAM_TMA=_makes_descriptors(config),
             **{name: per_call[name] for name in _PER_CALL},
         )
-        _provide_scratch(config)
         try:
-            compiled = _ortho_kernel[(programs,)](**arguments, num_warps=config.num_warps,
-                                                  num_stages=config.num_stages)
+            compiled = _launch_with_scratch(config, lambda: _ortho_kernel[(programs,)](
+                **arguments, num_warps=config.num_warps, num_stages=config.num_stages))
         except OutOfResources:
             if i == len(candidates) - 1:
                 raise
