@@ -237,6 +237,7 @@ def test_gram_launch_reads_aligned_factors_by_tma(form, dtype, monkeypatch):
             raise AssertionError("the Gram launch read aligned factors through pointers")
 
         monkeypatch.setattr(ortho, "_gram_rows", pointer_loop)
+
     def callers_allocator(size, alignment, stream):
         raise AssertionError("the Gram launch asked the caller's allocator for its descriptors' memory")
 
