@@ -131,17 +131,27 @@ def plot_linear(path: Path, data: dict) -> str:
     return f"![adapter linear vs peers](bench/{image.name})"
 
 
-def render_ortho(path: Path, data: dict) -> str:
-    """Every run of the newest run's day (runs of one configuration vary: all are shown)."""
+def same_day_runs(suite: str, data: dict) -> list[tuple[Path, dict]]:
+    """``(path, data)`` of every GPU result of ``suite`` measured on the day of ``data``, oldest
+    first (runs of one configuration vary: all are shown, numbered from 1)."""
     day = data["environment"]["date"][:10]
-    runs = [(p, d) for date, p, d in gpu_results("ortho") if date[:10] == day]
+    return [(p, d) for date, p, d in gpu_results(suite) if date[:10] == day]
+
+
+def run_sources(runs: list[tuple[Path, dict]]) -> str:
+    """One provenance line per numbered run of :func:`same_day_runs`."""
+    return "\n".join(f"run {number}: {provenance(p, d)}" for number, (p, d) in enumerate(runs, 1))
+
+
+def render_ortho(path: Path, data: dict) -> str:
+    """Every run of the newest run's day."""
+    runs = same_day_runs("ortho", data)
     header = ["run", "adapter set", "matrices", "ours ms (grad_ path)", "Python loop ms", "speedup", "bytes floor ms",
               "ours / floor", "host ms", "rel. error vs float64"]
     body = [[str(number), r["set"], str(r["n"]), f"{r['ms_grad_']:.3f}", f"{r['ms_loop']:.1f}", f"{r['speedup']:.0f}×",
              f"{r['floor_ms']:.3f}", f"{r['ours/floor']:.2f}", f"{r['host_ms']:.3f}", f"{r['rel_err']:.1e}"]
             for number, (_, run) in enumerate(runs, 1) for r in run["rows"]]
-    sources = "\n".join(f"run {number}: {provenance(p, d)}" for number, (p, d) in enumerate(runs, 1))
-    return sources + "\n\n" + markdown_table(header, body)
+    return run_sources(runs) + "\n\n" + markdown_table(header, body)
 
 
 def render_init(path: Path, data: dict) -> str:
@@ -162,8 +172,7 @@ MODEL_PEERS = [("peft_lora", "PEFT LoRA"), ("peft_lora_fused", "PEFT LoRA + acce
 
 def render_model(path: Path, data: dict) -> str:
     """Every run of the newest run's day, as for the regularizer."""
-    day = data["environment"]["date"][:10]
-    runs = [(p, d) for date, p, d in gpu_results("model") if date[:10] == day]
+    runs = same_day_runs("model", data)
     body = []
     for number, (_, run) in enumerate(runs, 1):
         for r in run["rows"]:
@@ -183,8 +192,7 @@ def render_model(path: Path, data: dict) -> str:
     described = (f"{model['num_hidden_layers']} layers of hidden {model['hidden_size']}, "
                  f"MLP {model['intermediate_size']}, vocabulary {model['vocab_size']}, "
                  f"sequences of {model['sequence']}")
-    sources = "\n".join(f"run {number}: {provenance(p, d)}" for number, (p, d) in enumerate(runs, 1))
-    return f"{described}; {sources}\n\n" + markdown_table(header, body)
+    return f"{described}; {run_sources(runs)}\n\n" + markdown_table(header, body)
 
 
 SECTIONS = {

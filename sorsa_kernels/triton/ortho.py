@@ -702,7 +702,7 @@ def _ortho_kernel(mats, outs, out_base, work, num_items, queue, arrivals, deviat
             else:
                 _gram_item(item, mats, deviations, norms, inverses, arrivals, gram_stride, gram_width, DTYPE, ACC_DTYPE,
                            PRECISION, GRAM_ROWS, BLOCK, NUM_BLOCKS, BLOCK_K, NUM_K, COMPLETE_ROWS, ALIGNED, VEC,
-                       GRAM_TMA)
+                           GRAM_TMA)
         elif GRAM:
             _gram_item(item, mats, deviations, norms, inverses, arrivals, gram_stride, gram_width, DTYPE, ACC_DTYPE,
                        PRECISION, GRAM_ROWS, BLOCK, NUM_BLOCKS, BLOCK_K, NUM_K, COMPLETE_ROWS, ALIGNED, VEC,
