@@ -109,6 +109,8 @@ def _assert_zeroed(workspaces):
     [
         pytest.param(3, 48, 40, 7, torch.float16, id="fp16"),
         pytest.param(17, 45, 37, 5, torch.float32, id="fp32"),
+        # A rank over two tail steps: the split product's parts each add a share of the tail.
+        pytest.param(5, 48, 40, 33, torch.float16, id="fp16-shared-tail"),
         pytest.param(64, 4096, 1030, 128, torch.bfloat16, marks=gpu, id="gpu-bf16"),
     ],
 )

@@ -1030,13 +1030,13 @@ def _few_rows_forward_kernel(
     """``y = x Wᵀ + t Uᵀ + bias`` for the float32 ``t [M, RANK]`` that the
     :func:`_few_rows_down_kernel` launched just before wrote at the start of the zeroed workspace
     ``work`` (its layout: :func:`_few_rows_counts`): a tile of y per program (with SPLIT > 1, one
-    K range of it, added into the float32 ``sums [M, N]``, the tile's last program to count itself
-    in ``done[tile]`` going on with the whole). The launch leaves the workspace zeroed: each
-    tile's last program zeroes its sums and count, and the last tile to count itself in
-    ``finished`` zeroes t. With PDL this launch runs beside t's and waits for it (griddepcontrol)
-    only before the rank tail, which the tile's main loop normally outlasts. With TMA the tile's
-    x and W blocks arrive by TMA from ``x_desc`` ``[M, K]`` and ``w_desc`` ``[N, K]``
-    (out-of-range reads are zeros) instead of pointer loads."""
+    K range of it and one range of the rank tail's ranks, added into the float32 ``sums [M, N]``,
+    the tile's last program to count itself in ``done[tile]`` going on with the whole). The
+    launch leaves the workspace zeroed: each tile's last program zeroes its sums and count, and
+    the last tile to count itself in ``finished`` zeroes t. With PDL this launch runs beside t's
+    and waits for it (griddepcontrol) only before the rank tail, which the tile's main loop
+    normally outlasts. With TMA the tile's x and W blocks arrive by TMA from ``x_desc``
+    ``[M, K]`` and ``w_desc`` ``[N, K]`` (out-of-range reads are zeros) instead of pointer loads."""
     pid = tl.program_id(0)
     tile = pid // SPLIT
     tiles = tl.num_programs(0) // SPLIT
@@ -1057,22 +1057,24 @@ def _few_rows_forward_kernel(
                             k_end - k_start, stride_xm, stride_xk, stride_wk, stride_wn, PRECISION, EVEN_K,
                             BLOCK_K)  # fmt: skip
     in_tile = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    DTYPE: tl.constexpr = y_ptr.dtype.element_ty
+    if PDL:
+        gdc_wait()  # t's launch has finished and its stores are visible
+    # Each part adds its share of the rank tail, so that no part does all of it after the others.
+    r_start, r_end = _split_range(RANK, pid % SPLIT, SPLIT, TAIL_K)
+    acc = _rank_tail(acc, work_ptr + r_start, u_ptr + r_start * stride_ur, rows, cols, r_end - r_start, RANK, 1,
+                     stride_ur, stride_un, DTYPE, PRECISION, TAIL_K, TAIL_STAGES)  # fmt: skip
     # (Workspace addresses are recomputed where used: fewer registers live across the loop.)
     last = True
     if SPLIT > 1:
         sums = work_ptr + M * RANK + offs_m[:, None] * N + offs_n[None, :]
         tl.atomic_add(sums, acc, mask=in_tile, sem="relaxed")
-        tl.debug_barrier()  # every thread's adds happen before the count that publishes them
+        tl.debug_barrier()  # every thread's adds (and so its reads of t) happen before the count
         done = _few_rows_counts(work_ptr, M, N, RANK, SPLIT) + 1 + tile
         last = tl.atomic_add(done, 1, sem="acq_rel") == SPLIT - 1  # the tile's last part goes on
         if last:
             acc = tl.load(sums, mask=in_tile, other=0.0, cache_modifier=".cg")
     if last:
-        DTYPE: tl.constexpr = y_ptr.dtype.element_ty
-        if PDL:
-            gdc_wait()  # t's launch has finished and its stores are visible
-        acc = _rank_tail(acc, work_ptr, u_ptr, rows, cols, RANK, RANK, 1, stride_ur, stride_un, DTYPE, PRECISION,
-                         TAIL_K, TAIL_STAGES)  # fmt: skip
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
         y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n.to(tl.int64)[None, :] * stride_yn
