@@ -18,9 +18,9 @@ of one ``ortho_reg_grad_`` call (it hides behind the GPU only while it is shorte
 table above on the GPU; ``--quick`` runs a tiny set on the CPU (a smoke test, not a
 measurement); ``--sweep`` instead times ``ortho_reg_grad_`` on every set under the Triton
 configurations of :func:`sweep` and prints the best per set; ``--host`` times the host side of
-``ortho_reg_grad_`` alone on CPU tensors (448 factors, the Triton backend's planning, pointer
-checks and argument packing, with the kernel launch itself stubbed out), so it runs on any
-machine.
+``ortho_reg_grad_`` alone in stages (the Triton backend's planning, pointer checks, argument
+packing and launches): on a GPU with the Llama-2-7B sets, elsewhere on 448 small CPU factors
+with the kernel launch stubbed out.
 """
 
 from __future__ import annotations
@@ -273,16 +273,21 @@ def _stub_first_launch(plan, group, variant, per_call):
                                 [names.index(name) for name in triton_ortho._PER_CALL])
 
 
-def host_cost(factors: int = 448, calls: int = 200) -> list[dict]:
-    """Microseconds of host time per ``ortho_reg_grad_`` call on CPU tensors through the Triton
-    backend, with the launch itself stubbed out, in stages: what a training step pays on the
-    host besides the launch. The workspace is a CPU ``torch.zeros`` here (a real memset; on a
-    GPU an allocation from the caching allocator and an asynchronous fill), on one CPU thread:
-    a parallel fill's thread pool would only add its wake-up latency."""
+def host_cost(device: str = "cpu", calls: int = 200) -> list[dict]:
+    """Microseconds of host time per ``ortho_reg_grad_`` call through the Triton backend, in
+    stages: what a training step pays on the host besides the device's work. On the CPU, 448
+    small factors with the launch itself stubbed out (the workspace a CPU ``torch.zeros``, a
+    real memset, on one thread: a parallel fill's thread pool would only add its wake-up
+    latency). On a GPU, the Llama-2-7B sets at r = 16 and 128 with real launches (the
+    workspace an allocation from the caching allocator and an asynchronous fill), timed
+    without waiting for the device (``calls`` launches queue well within its limit)."""
     from sorsa_kernels.ops import ortho as ops_ortho
     from sorsa_kernels.triton import ortho as triton_ortho
 
-    Us, Vts = adapter_set([(64, 64)], factors // 2, 16, torch.device("cpu"))
+    if device == "cpu":
+        sets = [("64x64 r=16", [(64, 64)], 224, 16)]
+    else:
+        sets = [(f"llama2-7b r={rank}", LLAMA2_7B, 32, rank) for rank in (16, 128)]
 
     def us_per_call(fn, setup=None) -> float:
         total = 0.0
@@ -292,14 +297,60 @@ def host_cost(factors: int = 448, calls: int = 200) -> list[dict]:
             start = time.perf_counter()
             fn()
             total += time.perf_counter() - start
+        synchronize(torch.device(device))
         return total / calls * 1e6
 
-    def fresh_grads():
-        for p in Us + Vts:
-            p.grad = torch.zeros_like(p)
+    rows = []
+    for set_name, layer, layers, rank in sets:
+        Us, Vts = adapter_set(layer, layers, rank, torch.device(device))
 
-    def call():
-        ortho_reg_grad_(Us, Vts, COEFF, "official", backend="triton")
+        def fresh_grads():
+            for p in Us + Vts:
+                p.grad = torch.zeros_like(p)
+
+        def call():
+            ortho_reg_grad_(Us, Vts, COEFF, "official", backend="triton")
+
+        start = time.perf_counter()
+        call()
+        synchronize(torch.device(device))
+        first = (time.perf_counter() - start) * 1e6
+        plan = ops_ortho._factor_set(Us, Vts, "official")[2].plans["triton"]
+        grads = [p.grad for p in Us + Vts]
+        launch_seconds = []
+        launch_kernel = triton_ortho._launch_kernel
+
+        def timed_launch(*arguments):
+            start = time.perf_counter()
+            launch_kernel(*arguments)
+            launch_seconds.append(time.perf_counter() - start)
+
+        stages = [
+            ("factor set: identities, data pointers", lambda: ops_ortho._factor_set(Us, Vts, "official")),
+            (".grad tensors gathered, None check", lambda: ops_ortho._grads(Us + Vts)),
+            ("output table: .grad data pointers", lambda: plan.output_tables(grads)),
+            ("workspace (torch.zeros) and value (torch.empty)",
+             lambda: (plan.workspace(), torch.empty((), device=plan.device))),
+            ("backend step: workspace, arguments, launches",
+             lambda: triton_ortho.step_(plan, Us, Vts, "official", COEFF, grads)),
+            ("whole call, same .grad tensors", call),
+        ]
+        set_rows = [{"case": name, "us_per_call": us_per_call(fn)} for name, fn in stages]
+        with mock.patch.object(triton_ortho, "_launch_kernel", timed_launch):
+            us_per_call(call)
+        launch_us = sum(launch_seconds) / calls * 1e6
+        set_rows.append({"case": "of a whole call: its kernel launches", "us_per_call": launch_us})
+        set_rows.append({"case": "whole call, new .grad tensors", "us_per_call": us_per_call(call, fresh_grads)})
+        set_rows.append({"case": "first call (validation, plan, tables)", "us_per_call": first})
+        for row in set_rows:
+            row.update(set=set_name, factors=len(Us + Vts))
+        rows += set_rows
+    return rows
+
+
+def _host_cost_stubbed(calls: int = 200) -> list[dict]:
+    """:func:`host_cost` on the CPU, Triton's interpreter selected and every launch stubbed out."""
+    from sorsa_kernels.triton import ortho as triton_ortho
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -307,38 +358,9 @@ def host_cost(factors: int = 448, calls: int = 200) -> list[dict]:
         with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}), \
                 mock.patch.object(triton_ortho, "_first_launch", _stub_first_launch), \
                 mock.patch.object(triton_ortho, "_launch_kernel", lambda *args: None):
-            start = time.perf_counter()
-            call()
-            first = (time.perf_counter() - start) * 1e6
-            plan = ops_ortho._factor_set(Us, Vts, "official")[2].plans["triton"]
-            grads = [p.grad for p in Us + Vts]
-            group = plan.groups[0]
-            saved, counters = plan.workspace()
-            value = torch.empty((), device=plan.device)
-
-            table = plan.output_tables(grads)[0][0]
-
-            def run_step():
-                triton_ortho._run(plan, group, "step", plan.per_call(group, counters, saved, value, official=1,
-                                                                     outs=table, coeff=COEFF))
-
-            stages = [
-                ("factor set: identities, data pointers", lambda: ops_ortho._factor_set(Us, Vts, "official")),
-                (".grad tensors gathered, None check", lambda: ops_ortho._grads(Us + Vts)),
-                ("output table: .grad data pointers", lambda: plan.output_tables(grads)),
-                ("workspace (torch.zeros) and value (torch.empty)",
-                 lambda: (plan.workspace(), torch.empty((), device=plan.device))),
-                ("per-call arguments, stubbed launch", run_step),
-                ("whole call, same .grad tensors", call),
-            ]
-            rows = [{"case": name, "us_per_call": us_per_call(fn)} for name, fn in stages]
-            rows.append({"case": "whole call, new .grad tensors", "us_per_call": us_per_call(call, fresh_grads)})
-            rows.append({"case": "first call (validation, plan, tables)", "us_per_call": first})
+            return host_cost("cpu", calls)
     finally:
         torch.set_num_threads(threads)
-    for row in rows:
-        row["factors"] = len(Us + Vts)
-    return rows
 
 
 def main(quick: bool, out_dir: str = "bench/results") -> None:
@@ -352,11 +374,11 @@ def _command_line():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny set on the CPU (smoke test)")
     parser.add_argument("--sweep", action="store_true", help="time the kernel under the sweep's configurations")
-    parser.add_argument("--host", action="store_true", help="only the host cost per call, on CPU tensors")
+    parser.add_argument("--host", action="store_true", help="only the host cost per call, in stages")
     args = parser.parse_args()
     if args.host:
-        rows = host_cost()
-        print(format_table(rows, ["case", "factors", "us_per_call"]))
+        rows = host_cost("cuda") if torch.cuda.is_available() else _host_cost_stubbed()
+        print(format_table(rows, ["set", "case", "factors", "us_per_call"]))
         print(f"results: {write_results('ortho-host', rows)}")
     elif args.sweep:
         print(f"results: {write_results('ortho-sweep', sweep())}")
