@@ -481,6 +481,52 @@ def test_many_matrices_many_items(backend, lag, monkeypatch):
         assert_close(p.grad, 0.5 * ref, 1e-5, f"grad {i} (grad_)")
 
 
+def test_work_items_shrink_for_small_sets_only():
+    """A set with rows enough for ITEMS_PER_PROGRAM configured items per program keeps them;
+    a smaller one gets items of about its share per item (at least MIN_ITEM_ROWS rows, whole
+    tiles of both heights), never larger than configured."""
+    ortho = pytest.importorskip("sorsa_kernels.triton.ortho")
+    config = ortho.Config(64, 128, 128, 4096)
+    llama_sized = [(4096, 128)] * 448
+    assert ortho._balanced(config, llama_sized, 132) is config
+    for shapes, programs in (([(4096, 128)] * 2, 132), ([(11008, 128), (300, 7)], 264), ([(5, 3)], 8),
+                             ([(4096, 128)] * 100, 132)):
+        rows = ortho._balanced(config, shapes, programs).chunk_rows
+        wanted = max(sum(length for length, _ in shapes) / (programs * ortho.ITEMS_PER_PROGRAM), ortho.MIN_ITEM_ROWS)
+        assert rows % 128 == 0 and wanted <= rows < wanted + 128 and rows < config.chunk_rows, (shapes, rows)
+
+
+def test_small_set_in_shrunk_work_items(monkeypatch):
+    """The step and the autograd passes over a set small enough for its work items to shrink
+    (from the configured 128 rows to 16 or 32, the floor lowered for the interpreter's sizes)."""
+    ortho = pytest.importorskip("sorsa_kernels.triton.ortho")
+    reason = why_unavailable("triton", DEVICE)
+    if reason:
+        pytest.skip(f"triton backend: {reason}")
+    monkeypatch.setattr(ortho, "MIN_ITEM_ROWS", 16)
+    monkeypatch.setattr(ortho, "override", ortho.Config(16, 16, 32, 128, programs_per_sm=32))
+    item_rows = []
+    work_order = ortho._work_order
+
+    def recorded(shapes, mode, deterministic, config, *args):
+        item_rows.append(config.chunk_rows)
+        return work_order(shapes, mode, deterministic, config, *args)
+
+    monkeypatch.setattr(ortho, "_work_order", recorded)
+    Us, Vts = make(MANY, torch.float32)
+    with poisoned_allocations():
+        value = ortho_reg(Us, Vts, "official", backend="triton")
+        grads = torch.autograd.grad(value, Us + Vts)
+    check(value, grads, Us, Vts, "official", 1e-5)
+    with poisoned_allocations():
+        value = ortho_reg_grad_(Us, Vts, 0.5, "squared", backend="triton")
+    ref_value, ref_grads = expected(Us, Vts, "squared")
+    assert_close(value, ref_value, 1e-5, "value (grad_)")
+    for i, (p, ref) in enumerate(zip(Us + Vts, ref_grads)):
+        assert_close(p.grad, 0.5 * ref, 1e-5, f"grad {i} (grad_)")
+    assert item_rows and all(rows in (16, 32) for rows in item_rows), item_rows
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_new_storage_of_a_parameter_is_noticed(backend):
     """A cached plan must not keep reading a parameter's old storage."""

@@ -899,6 +899,25 @@ def _vectorizable(ptr: int, length: int, rank: int, stride_l: int, stride_r: int
     return True
 
 
+# Work items shrink for a set too small to give each program ITEMS_PER_PROGRAM of the configured
+# size, down to MIN_ITEM_ROWS rows. H100, r = 128, from CUDA graphs: one 4096×4096 adapter took
+# 204 µs in the configured items (two 4096-row Gram items, one program each) and 60 µs so shrunk
+# (bench/results/ortho-small-sets-probe-*.txt); per call on one adapter, items of 256 rows beat 512
+# (bench/results/ortho-l2-probe-*.txt). Sets of a 7B model keep the configured items.
+ITEMS_PER_PROGRAM = 2
+MIN_ITEM_ROWS = 256
+
+
+def _balanced(config: Config, shapes, programs: int) -> Config:
+    """``config``, or with smaller work items where the matrices of ``shapes`` (``(length, rank)``
+    each) hold fewer rows than ``programs × ITEMS_PER_PROGRAM`` items of ``config.chunk_rows``:
+    then items of about that share, at least MIN_ITEM_ROWS rows, a multiple of both tile heights."""
+    share = -(-sum(length for length, _ in shapes) // (programs * ITEMS_PER_PROGRAM))
+    step = math.lcm(config.gram_rows, config.gradient_rows)
+    rows = -(-max(share, MIN_ITEM_ROWS) // step) * step
+    return dataclasses.replace(config, chunk_rows=rows) if rows < config.chunk_rows else config
+
+
 def _chunks(length: int, rows: int) -> list[tuple[int, int]]:
     return [(start, min(start + rows, length)) for start in range(0, length, rows)]
 
@@ -994,7 +1013,8 @@ class _Group:
         key = (mode, deterministic, config, programs, block_n)
         if key not in self._queues:
             shapes = [(L, r) for _, _, L, r, *_rest in self.members]
-            rows = _work_order(shapes, mode, deterministic, config, programs, self.gram_block(config), block_n)
+            rows = _work_order(shapes, mode, deterministic, _balanced(config, shapes, programs), programs,
+                               self.gram_block(config), block_n)
             self._queues[key] = (_device_table(rows, WORK_FIELDS.value, torch.int32, self.plan.device), len(rows))
         return self._queues[key]
 
