@@ -284,7 +284,8 @@ def host_cost(device: str = "cpu", calls: int = 200) -> list[dict]:
     from sorsa_kernels.ops import ortho as ops_ortho
     from sorsa_kernels.triton import ortho as triton_ortho
 
-    if device == "cpu":
+    device = torch.device(device)
+    if device.type == "cpu":
         sets = [("64x64 r=16", [(64, 64)], 224, 16)]
     else:
         sets = [(f"llama2-7b r={rank}", LLAMA2_7B, 32, rank) for rank in (16, 128)]
@@ -297,12 +298,12 @@ def host_cost(device: str = "cpu", calls: int = 200) -> list[dict]:
             start = time.perf_counter()
             fn()
             total += time.perf_counter() - start
-        synchronize(torch.device(device))
+        synchronize(device)
         return total / calls * 1e6
 
     rows = []
     for set_name, layer, layers, rank in sets:
-        Us, Vts = adapter_set(layer, layers, rank, torch.device(device))
+        Us, Vts = adapter_set(layer, layers, rank, device)
 
         def fresh_grads():
             for p in Us + Vts:
@@ -313,7 +314,7 @@ def host_cost(device: str = "cpu", calls: int = 200) -> list[dict]:
 
         start = time.perf_counter()
         call()
-        synchronize(torch.device(device))
+        synchronize(device)
         first = (time.perf_counter() - start) * 1e6
         plan = ops_ortho._factor_set(Us, Vts, "official")[2].plans["triton"]
         grads = [p.grad for p in Us + Vts]

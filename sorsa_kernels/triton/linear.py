@@ -1017,6 +1017,13 @@ def _few_rows_counts(work_ptr, M, N, RANK, SPLIT):
 
 
 @triton.jit
+def _few_rows_sums(work_ptr, M, N, RANK, offs_m, offs_n):
+    """The addresses of a tile's float32 sums ``[M, N]`` in :func:`_few_rows_forward_kernel`'s
+    workspace, after t ``[M, RANK]`` (SPLIT > 1)."""
+    return work_ptr + M * RANK + offs_m[:, None] * N + offs_n[None, :]
+
+
+@triton.jit
 def _few_rows_forward_kernel(
     x_ptr, w_ptr, x_desc, w_desc, u_ptr, bias_ptr, work_ptr, y_ptr,
     M, N, K, RANK,
@@ -1067,7 +1074,7 @@ def _few_rows_forward_kernel(
     # (Workspace addresses are recomputed where used: fewer registers live across the loop.)
     last = True
     if SPLIT > 1:
-        sums = work_ptr + M * RANK + offs_m[:, None] * N + offs_n[None, :]
+        sums = _few_rows_sums(work_ptr, M, N, RANK, offs_m, offs_n)
         tl.atomic_add(sums, acc, mask=in_tile, sem="relaxed")
         tl.debug_barrier()  # every thread's adds (and so its reads of t) happen before the count
         done = _few_rows_counts(work_ptr, M, N, RANK, SPLIT) + 1 + tile
@@ -1081,7 +1088,7 @@ def _few_rows_forward_kernel(
         tl.store(y_ptrs, acc.to(DTYPE), mask=in_tile)
         finished = _few_rows_counts(work_ptr, M, N, RANK, SPLIT)
         if SPLIT > 1:  # the tile's sums and count, zeroed here where few registers are live
-            sums = work_ptr + M * RANK + offs_m[:, None] * N + offs_n[None, :]
+            sums = _few_rows_sums(work_ptr, M, N, RANK, offs_m, offs_n)
             tl.store(sums, tl.zeros((BLOCK_M, BLOCK_N), tl.float32), mask=in_tile)
             tl.store(finished + 1 + tile, 0)
         tl.debug_barrier()  # every thread's reads of t happen before the count that releases them

@@ -737,9 +737,9 @@ class Config:
 
     ``gram_rows``/``gradient_rows``: rows per tile of the Gram and gradient loops; ``block_n``:
     gradient columns per item; ``chunk_rows``: rows per work item (a multiple of both tile
-    heights; fewer for a small set, see :func:`_balanced`); ``lag``: how far a matrix's gradient items trail its Gram items, in units of
-    the rows that all programs hold at once (``programs × chunk_rows``; ``inf``: every Gram
-    item first); ``programs_per_sm``: the grid is this many programs per SM; ``gram_block``: the
+    heights; fewer for a small set, see :func:`_balanced`); ``lag``: how far a matrix's gradient
+    items trail its Gram items, in units of the rows that all programs hold at once
+    (``programs × chunk_rows``; ``inf``: every Gram item first); ``programs_per_sm``: the grid is this many programs per SM; ``gram_block``: the
     widest Gram block one item sums (a rank above it is cut into block pairs, each its own
     item: smaller accumulators and fewer products, the rows read once per block pair);
     ``output_stages``: when set, the gradient loop is pipelined this deep over the ``.grad``
