@@ -329,6 +329,38 @@ def test_every_candidate_config(rows, in_features, out_features, rank, dtype):
         product.launch(product.candidates[0])  # the input of later products: computed as the step would
 
 
+MERGED_CASES = [
+    # (x shape, out, rank, dtype, adapter dtype, with S, with bias): odd sizes; on a GPU bfloat16
+    # at a bench shape and at odd ones.
+    ((130, 45), 53, 7, torch.float16, torch.float32, True, True),
+    ((2, 33, 45), 40, 33, torch.float16, torch.float16, False, False),
+    ((70, 37), 29, 1, torch.float16, torch.float32, True, True),
+    pytest.param((4096, 4096), 11008, 128, torch.bfloat16, torch.float32, True, False, marks=gpu, id="gpu-bench"),
+    pytest.param((1000, 4095), 1027, 256, torch.bfloat16, torch.float32, True, True, marks=gpu, id="gpu-odd"),
+    pytest.param((65537, 72), 40, 7, torch.bfloat16, torch.bfloat16, False, True, marks=gpu, id="gpu-rows"),
+]
+
+
+@pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton backend: {TRITON_REASON}")
+@pytest.mark.parametrize("x_shape,out_features,rank,dtype,adapter_dtype,with_S,with_bias", MERGED_CASES)
+def test_inference_by_merged_weight(monkeypatch, x_shape, out_features, rank, dtype, adapter_dtype, with_S, with_bias):
+    """The no-grad forward of many 16-bit rows through the merged weight (the way the tuner may
+    choose, here taken first) against the float64 oracle."""
+    from sorsa_kernels.triton import linear
+
+    monkeypatch.setattr(linear, "_INFER_WAYS", ("merged", "fused"))
+    monkeypatch.setattr(linear, "_chosen", {})
+    x, weight, U, S, Vt, bias = make_inputs(x_shape, out_features, rank, dtype, adapter_dtype, with_S=with_S,
+                                            with_bias=with_bias)  # fmt: skip
+    with torch.no_grad(), poisoned_allocations():
+        y = sorsa_linear(x, weight, U, S, Vt, bias, -0.6, backend="triton")
+    assert y.dtype == dtype and y.shape == (*x_shape[:-1], out_features)
+    assert_close(y, oracle(*as_float64(x, weight, U, S, Vt, bias), -0.6), TOLERANCE[dtype], "y")
+    # Chosen: the way, and the merge's configuration; no launch of the fused forward.
+    assert sorted(key[0] for key in linear._chosen) == ["infer", "merge"]
+    assert "merged" in linear._chosen.values()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_gpu_candidates_cover_every_shape(monkeypatch):
     """Every dtype, row count, rank and alignment has a launch configuration on a GPU (the lists

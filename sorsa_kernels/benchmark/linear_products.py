@@ -1,8 +1,9 @@
-"""The six kernel launches of one ``sorsa_linear`` training step (and, for few rows, the
-one-launch forward of inference; where it applies, the one pass over dy that may stand for
-dU+dS and g), each with its candidate configurations and a float32 PyTorch reference: what the
-sweep times config by config, what tune_linear times alone, what the GPU test checks for every
-configuration and what the sm_90 compile check compiles (on meta tensors)."""
+"""The six kernel launches of one ``sorsa_linear`` training step (and the inference forward's
+own launch: for few rows its product, for many rows of 16-bit x the merged weight; where it
+applies, the one pass over dy that may stand for dU+dS and g), each with its candidate
+configurations and a float32 PyTorch reference: what the sweep times config by config, what
+tune_linear times alone, what the GPU test checks for every configuration and what the sm_90
+compile check compiles (on meta tensors)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from sorsa_kernels.triton import linear as kernels
 
 # The name of the inference forward of few rows among the products (it may split its K loop).
 FEW_ROWS_PRODUCT = "y (few rows)"
+# The name of the merged weight of the inference forward of many rows.
+MERGE_PRODUCT = "merged weight"
 # The name of the backward's one pass over dy (g, dU and dS), where its configurations apply.
 GRADIENT_PASS_PRODUCT = "g+dU+dS"
 
@@ -42,7 +45,7 @@ class Product:
 
 def step_products(x, weight, U, S, Vt, dy, scale, *, rank_zero=False) -> list[Product]:
     """The launches of one step on these inputs (2-D x ``[M, in]``, dy ``[M, out]``), in the
-    order the step runs them, with the inference forward of few rows after y; the inputs z and g
+    order the step runs them, with the inference forward's launch after y; the inputs z and g
     of later launches are produced by earlier ones, the rank tails' ``U ⊙ S`` and ``Vtᵀ ⊙ S``
     here, once (a small launch each, not timed). ``rank_zero``: y and dx without the rank tail
     (the bare GEMMs of the extended kernel)."""
@@ -120,6 +123,15 @@ def step_products(x, weight, U, S, Vt, dy, scale, *, rank_zero=False) -> list[Pr
             (rows * (in_features + out_features) + in_features * out_features) * size
             + rank * (in_features + out_features) * adapter,
             gemm_flops + 2 * rows * rank * (in_features + out_features),
+        ))  # fmt: skip
+    if rows > kernels.FEW_ROWS and kernels._mergeable(x, weight, None) and not rank_zero:
+        # The no-grad forward of many rows by a merged weight: its merge (cuBLAS's product follows).
+        merged = torch.empty_like(weight)
+        products.insert(2, Product(
+            MERGE_PRODUCT, lambda c=None: kernels.merge_weight(weight, U, S, Vt, scale, merged, c),
+            kernels.merge_candidates(U), (merged,), lambda: ((weight.to(acc) + scaled(U.to(acc)) @ Vt.to(acc)).to(x.dtype),),
+            2 * in_features * out_features * size + rank * (in_features + out_features) * adapter,
+            2 * in_features * out_features * rank,
         ))  # fmt: skip
     return products
 

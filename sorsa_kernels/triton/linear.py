@@ -202,11 +202,11 @@ class Config:
 
 AUTOTUNE_ENV = "SORSA_KERNELS_AUTOTUNE"
 
-# (launch function, shape key) -> the chosen Config.
-_chosen: dict[tuple, Config] = {}
+# (launch function, shape key) -> the chosen Config (or, for infer, the chosen way).
+_chosen: dict[tuple, Config | str] = {}
 
 
-def _choose(key: tuple, candidates, plan, reset=None, graphed=False) -> tuple[Config, bool]:
+def _choose(key: tuple, candidates, plan, reset=None, graphed=False) -> tuple[Config | str, bool]:
     """``(config, final)``: the configuration cached for ``key``; on a miss the fastest of
     ``candidates()``, each timed by running ``plan(config)()`` (a complete launch on the real
     outputs, which the caller repeats afterwards; ``reset()`` then undoes what the timing runs
@@ -1227,6 +1227,111 @@ def few_rows_candidates(x, weight, y) -> list[Config]:
 
 
 # ----------------------------------------------------------------------------------------------
+# merge_weight: the no-grad forward of many rows as one dense product by a merged weight
+#
+# Without a gradient, y = x·(W + scale·(U ⊙ S) Vt)ᵀ + bias needs neither z nor a rank tail: the
+# merged weight costs a read of W and a write of its merge (no pass over x), whatever the rows,
+# and the product is then the frozen GEMM itself. At many rows that is cheaper than the fused
+# forward's pass over x and its tail; the tuner times both ways per shape class. (torch.addmm
+# copies W into its output before cuBLAS adds to it: on an H100 the merge of a 4096² weight then
+# added 59-61 µs to the product, this kernel 31-41; bench/results/merged-infer-probe-*.txt.)
+
+# (BLOCK_N, BLOCK_K, RANK_STEP, warps, stages) of the merge, and under the interpreter.
+_MERGE_BLOCKS = [(128, 128, 64, 8, 2), (64, 128, 64, 4, 2), (128, 128, 32, 8, 3)]
+_INTERPRETER_MERGE_BLOCKS = [(32, 16, 16, 4, 1)]
+
+
+@triton.jit
+def _merge_weight_kernel(
+    w_ptr, u_ptr, v_ptr, out_ptr, N, K, RANK, scale_hi, scale_lo,
+    stride_wn, stride_wk, stride_un, stride_ur, stride_vk, stride_vr, stride_on, stride_ok,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RANK_STEP: tl.constexpr, GROUP_N: tl.constexpr,
+):  # fmt: skip
+    """``out = W + scale·u vᵀ`` for ``u [N, r]`` and ``v [K, r]`` in W's dtype, a tile
+    ``[BLOCK_N, BLOCK_K]`` per program, the sum in float32 rounded once to out's dtype."""
+    pid_n, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
+    # Offsets within the tile (int32) from its corner: a tile of 64-bit offsets took 128
+    # registers a thread.
+    rows = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_K)
+    ranks = tl.arange(0, RANK_STEP)
+    in_n = rows < N - pid_n * BLOCK_N
+    in_k = cols < K - pid_k * BLOCK_K
+    in_tile = in_n[:, None] & in_k[None, :]
+    corner_n = pid_n.to(tl.int64) * BLOCK_N
+    corner_k = pid_k.to(tl.int64) * BLOCK_K
+    # W first: its load runs under the rank product.
+    w_tile = w_ptr + corner_n * stride_wn + corner_k * stride_wk
+    base = tl.load(w_tile + rows[:, None] * stride_wn + cols[None, :] * stride_wk, mask=in_tile)
+    u_ptrs = u_ptr + corner_n * stride_un + rows[:, None] * stride_un + ranks[None, :] * stride_ur
+    v_ptrs = v_ptr + corner_k * stride_vk + cols[:, None] * stride_vk + ranks[None, :] * stride_vr
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, RANK, RANK_STEP):
+        in_rank = ranks < RANK - r0
+        u = tl.load(u_ptrs, mask=in_n[:, None] & in_rank[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=in_k[:, None] & in_rank[None, :], other=0.0)
+        acc = tl.dot(u, v.T, acc)
+        u_ptrs += RANK_STEP * stride_ur
+        v_ptrs += RANK_STEP * stride_vr
+    acc = acc * _scale(scale_hi, scale_lo, tl.float32) + base.to(tl.float32)
+    out_tile = out_ptr + corner_n * stride_on + corner_k * stride_ok
+    tl.store(out_tile + rows[:, None] * stride_on + cols[None, :] * stride_ok, acc.to(base.dtype), mask=in_tile)
+
+
+def merge_weight(weight, U, S, Vt, scale, out, config: Config | None = None):
+    """``out = weight + scale·(U ⊙ S) Vt`` for a 16-bit weight ``[out, in]`` (out like it, any
+    strides): U and ``Vtᵀ ⊙ S`` rounded to its dtype (as the fused forward's rank tail rounds
+    ``U ⊙ S``), their product summed in float32 with the weight and rounded once. ``config``
+    overrides the tuned choice (see :func:`merge_candidates`)."""
+    up = scaled_columns(U, None, weight.dtype)
+    down = scaled_columns(Vt.T, S, weight.dtype)
+    tensors = (out, weight, up, down)
+    _launch("merge", tensors, lambda c: _merge_plan(*tensors, scale, c),
+            lambda: ("merge", out.get_device(), out.dtype, *out.shape, U.shape[1]), lambda: merge_candidates(U), config,
+            scale=scale)  # fmt: skip
+    return out
+
+
+def _merge_plan(out, weight, up, down, scale, config: Config):
+    """``plan(out, weight, up, down)``: ``config``'s launch for tensors laid out as these."""
+    meta = config.kwargs
+    cols, inner = out.shape
+    launch = KernelLaunch(_merge_weight_kernel, (_cdiv(cols, meta["BLOCK_N"]) * _cdiv(inner, meta["BLOCK_K"]),), **meta)
+    scalars = (cols, inner, up.shape[1], *_float32_pair(scale), *weight.stride(), *up.stride(), *down.stride(),
+               *out.stride())  # fmt: skip
+
+    def plan(out, weight, up, down):
+        launch(weight, up, down, out, *scalars)
+
+    return plan
+
+
+def merge_candidates(U) -> list[Config]:
+    """The configurations :func:`merge_weight` chooses among (each rank step at most the rank's
+    padding)."""
+    blocks = _INTERPRETER_MERGE_BLOCKS if _triton_interpreted() else _MERGE_BLOCKS
+    rank_pad = _rank_pad(U.shape[1])
+    configs = [Config.of(w, s, BLOCK_N=n, BLOCK_K=k, RANK_STEP=min(step, rank_pad), GROUP_N=8)
+               for n, k, step, w, s in blocks]  # fmt: skip
+    return list(dict.fromkeys(configs))
+
+
+def merged_forward(x, weight, U, S, Vt, bias, scale):
+    """``y = x·(weight + scale·(U ⊙ S) Vt)ᵀ + bias`` for 16-bit x, weight and bias (where given)
+    in x's dtype: the merged weight made in a temporary of the weight's size by
+    :func:`merge_weight`, then y by one product with it through ``F.linear`` (cuBLAS)."""
+    merged = torch.empty_like(weight)
+    merge_weight(weight, U, S, Vt, scale, merged)
+    return torch.nn.functional.linear(x, merged, bias)
+
+
+def _mergeable(x, weight, bias) -> bool:
+    """Whether :func:`merged_forward` computes this forward (16-bit x, a weight, a bias in x's
+    dtype or none)."""
+    return x.element_size() == 2 and weight is not None and (bias is None or bias.dtype == x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # row_reduction: out[P, r] = Σ_m a[m, P]ᵀ (t[m, r]·scale) ⊙ S, red[r] = Σ_p (Σ_m ...)[p, r]·w[p, r]
 
 
@@ -1548,7 +1653,7 @@ def gradient_pass_candidates(dy, U, joint_only: bool = False) -> list[Config]:
 # Every kernel of the module (offline compilation captures their launches).
 KERNELS = (_extended_matmul_kernel, _extended_matmul_tma_kernel, _round_kernel, _rank_down_kernel,
            _row_reduction_kernel, _row_reduction_tma_kernel, _few_rows_down_kernel, _few_rows_forward_kernel,
-           _gradient_pass_kernel)
+           _merge_weight_kernel, _gradient_pass_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1587,14 +1692,34 @@ def forward(x, weight, U, S, Vt, bias, scale):
 
 def infer(x, weight, U, S, Vt, bias, scale):
     """The backend interface's forward without z: at most :data:`FEW_ROWS` rows (decode) by
-    :func:`few_rows_forward`, more as :func:`forward`."""
+    :func:`few_rows_forward`; more as :func:`forward` or, where the tuner finds it faster for the
+    shape class (16-bit x), by :func:`merged_forward`."""
     rows = x.shape[0]
-    if rows == 0 or rows > FEW_ROWS or x.dtype == torch.float64:
+    if rows == 0 or x.dtype == torch.float64:
         return forward(x, weight, U, S, Vt, bias, scale)[0]
-    y = x.new_empty((rows, U.shape[0]))
-    with on_device(x.device):
-        few_rows_forward(x, weight, U, _contiguous(S), Vt, _contiguous(bias), scale, y)
-    return y
+    if rows <= FEW_ROWS:
+        y = x.new_empty((rows, U.shape[0]))
+        with on_device(x.device):
+            few_rows_forward(x, weight, U, _contiguous(S), Vt, _contiguous(bias), scale, y)
+        return y
+    way = "fused"
+    if _mergeable(x, weight, bias):
+        key = ("infer", x.get_device(), x.dtype, U.dtype, _row_bucket(rows), *U.shape, x.shape[1])
+        way, _ = _choose(key, lambda: list(_INFER_WAYS), lambda w: functools.partial(_infer_by, w, x, weight, U, S, Vt,
+                                                                                     bias, scale))  # fmt: skip
+    return _infer_by(way, x, weight, U, S, Vt, bias, scale)
+
+
+# The no-grad forward of many rows: the training forward without keeping z, or the merged weight
+# (untuned, and under the interpreter, the first).
+_INFER_WAYS = ("fused", "merged")
+
+
+def _infer_by(way: str, x, weight, U, S, Vt, bias, scale):
+    if way == "merged":
+        with on_device(x.device):
+            return merged_forward(x, weight, U, _contiguous(S), Vt, bias, scale)
+    return forward(x, weight, U, S, Vt, bias, scale)[0]
 
 
 def backward(dy, x, z, weight, U, S, Vt, scale, needs):
