@@ -1,7 +1,8 @@
 """Triton backend of ``sorsa_linear``: the adapter linear at the cost of the frozen GEMM.
 
 Implements the backend interface documented in :mod:`sorsa_kernels.reference.linear` with three
-generic kernels and one for decode, each launched through one function of this module:
+generic kernels, one for decode and one for the merged weight of inference, each launched
+through one function of this module:
 
 * :func:`extended_matmul` ``c = a·b + t·tb + bias``: one GEMM whose K loop also runs over the
   rank-r tail, so the adapter's up-projection costs r more K steps of the frozen product and
@@ -19,6 +20,9 @@ generic kernels and one for decode, each launched through one function of this m
   sums ``x Vtᵀ``, and the product by the weight (its tiles read by pointers or, for 16-bit rows
   16-byte aligned, by TMA), which on sm_90 starts beside it and waits for it only before the
   rank tail.
+* :func:`merge_weight` ``out = W + scale·(U ⊙ S) Vt``: the forward without gradients of many
+  16-bit rows may multiply by it (:func:`merged_forward`, the frozen GEMM through cuBLAS) instead
+  of running the fused forward; the tuner times both ways per shape class.
 * :func:`gradient_pass`, the backward's ``dU``, ``dS`` and ``g``: ``row_reduction`` and
   ``rank_down`` over dy, or, where the tuner finds it faster (16-bit dy, r ≤ 32), one pass over
   dy that computes all three with float atomics.
