@@ -2,9 +2,10 @@
 training forward's z pass and rank-tailed GEMM, without keeping z) and merged (the weight merged
 with the adapter into a temporary, then one cuBLAS product), eagerly and from CUDA graphs, at the
 linear suite's forward-only shapes; and what the merge adds to the product from graphs.
-``python bench/probe_merged_infer.py`` on a GPU, from the repository root; raw output in
-``bench/results/merged-infer-probe-*.txt``."""
+``python bench/probe_merged_infer.py [--tokens M ...] [--shapes INxOUT ...] [--ranks R ...]`` on a
+GPU, from the repository root; raw output in ``bench/results/merged-infer-probe-*.txt``."""
 
+import argparse
 import statistics
 
 import torch
@@ -19,15 +20,15 @@ SCALE = 2.0
 
 
 @torch.no_grad()
-def main():
+def main(tokens_list, shapes, ranks):
     info = environment()
     print(info["device"], f"torch {info['versions']['torch']}, triton {info['versions']['triton']}")
     print(f"{'M':>6} {'in->out':>11} {'r':>4} {'target':>7} {'dense us':>9} {'fused':>6} {'merged':>6} "
           f"{'dense g':>8} {'fused g':>7} {'merged g':>8} {'merge us':>8}")  # fmt: skip
     device = torch.device("cuda")
-    for tokens in GPU_TOKENS:
-        for in_features, out_features in GPU_SHAPES:
-            for rank in GPU_RANKS:
+    for tokens in tokens_list:
+        for in_features, out_features in shapes:
+            for rank in ranks:
                 x, weight, U, S, Vt, _ = _inputs(tokens, in_features, out_features, rank, device)
                 x = x.detach()
                 ways = {
@@ -52,4 +53,9 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(GPU_TOKENS))
+    parser.add_argument("--shapes", nargs="+", default=[f"{i}x{o}" for i, o in GPU_SHAPES], help="IN x OUT")
+    parser.add_argument("--ranks", type=int, nargs="+", default=list(GPU_RANKS))
+    args = parser.parse_args()
+    main(args.tokens, [tuple(map(int, shape.split("x"))) for shape in args.shapes], args.ranks)
