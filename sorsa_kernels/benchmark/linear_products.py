@@ -129,7 +129,8 @@ def step_products(x, weight, U, S, Vt, dy, scale, *, rank_zero=False) -> list[Pr
         merged = torch.empty_like(weight)
         products.insert(2, Product(
             MERGE_PRODUCT, lambda c=None: kernels.merge_weight(weight, U, S, Vt, scale, merged, c),
-            kernels.merge_candidates(U), (merged,), lambda: ((weight.to(acc) + scaled(U.to(acc)) @ Vt.to(acc)).to(x.dtype),),
+            kernels.merge_candidates(U), (merged,),
+            lambda: ((weight.to(acc) + scaled(U.to(acc)) @ Vt.to(acc)).to(x.dtype),),
             2 * in_features * out_features * size + rank * (in_features + out_features) * adapter,
             2 * in_features * out_features * rank,
         ))  # fmt: skip
