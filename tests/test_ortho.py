@@ -87,6 +87,15 @@ def check(value, grads, Us, Vts, form, tol):
         assert_close(grad, ref, tol, f"gradient {i}")
 
 
+def check_added(value, Us, Vts, form, coeff, tol):
+    """``ortho_reg_grad_``'s value, and the ``coeff``-scaled gradients it added into ``.grad``
+    tensors that were absent before, against float64."""
+    ref_value, ref_grads = expected(Us, Vts, form)
+    assert_close(value, ref_value, tol, "value (grad_)")
+    for i, (p, ref) in enumerate(zip(Us + Vts, ref_grads)):
+        assert_close(p.grad, coeff * ref, tol, f"grad {i} (grad_)")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("shapes", [MIXED, WIDE_RANKS, ALIGNED], ids=["mixed", "wide-ranks", "aligned"])
@@ -167,10 +176,7 @@ def test_near_orthonormal_factors(backend, form, deterministic):
             value = ortho_reg_grad_(Us, Vts, 0.5, form, backend=backend)
     finally:
         torch.use_deterministic_algorithms(False)
-    ref_value, ref_grads = expected(Us, Vts, form)
-    assert_close(value, ref_value, 1e-5, "value (grad_)")
-    for i, (p, ref) in enumerate(zip(Us + Vts, ref_grads)):
-        assert_close(p.grad, 0.5 * ref, 1e-5, f"grad {i} (grad_)")
+    check_added(value, Us, Vts, form, 0.5, 1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -475,10 +481,7 @@ def test_many_matrices_many_items(backend, lag, monkeypatch):
         check(value, grads, Us, Vts, "official", 1e-5)
     with poisoned_allocations():
         value = ortho_reg_grad_(Us, Vts, 0.5, "squared", backend=backend)
-    ref_value, ref_grads = expected(Us, Vts, "squared")
-    assert_close(value, ref_value, 1e-5, "value (grad_)")
-    for i, (p, ref) in enumerate(zip(Us + Vts, ref_grads)):
-        assert_close(p.grad, 0.5 * ref, 1e-5, f"grad {i} (grad_)")
+    check_added(value, Us, Vts, "squared", 0.5, 1e-5)
 
 
 def test_work_items_shrink_for_small_sets_only():
@@ -520,10 +523,7 @@ def test_small_set_in_shrunk_work_items(monkeypatch):
     check(value, grads, Us, Vts, "official", 1e-5)
     with poisoned_allocations():
         value = ortho_reg_grad_(Us, Vts, 0.5, "squared", backend="triton")
-    ref_value, ref_grads = expected(Us, Vts, "squared")
-    assert_close(value, ref_value, 1e-5, "value (grad_)")
-    for i, (p, ref) in enumerate(zip(Us + Vts, ref_grads)):
-        assert_close(p.grad, 0.5 * ref, 1e-5, f"grad {i} (grad_)")
+    check_added(value, Us, Vts, "squared", 0.5, 1e-5)
     assert item_rows and all(rows in (16, 32) for rows in item_rows), item_rows
 
 
@@ -608,10 +608,7 @@ def test_realistic_sizes_on_gpu(dtype, form):
     check(value, grads, Us, Vts, form, TOL[dtype])
     with poisoned_allocations():
         value = ortho_reg_grad_(Us, Vts, 0.5, form, backend="triton")
-    ref_value, ref_grads = expected(Us, Vts, form)
-    assert_close(value, ref_value, TOL[dtype], "value (grad_)")
-    for i, (p, ref) in enumerate(zip(Us + Vts, ref_grads)):
-        assert_close(p.grad, 0.5 * ref, TOL[dtype], f"grad {i} (grad_)")
+    check_added(value, Us, Vts, form, 0.5, TOL[dtype])
 
 
 # Two decoder layers of Llama-2-7B adapters at r = 128: 28 factors of 4096 and 11008 rows.

@@ -739,9 +739,10 @@ class Config:
     gradient columns per item; ``chunk_rows``: rows per work item (a multiple of both tile
     heights; fewer for a small set, see :func:`_balanced`); ``lag``: how far a matrix's gradient
     items trail its Gram items, in units of the rows that all programs hold at once
-    (``programs × chunk_rows``; ``inf``: every Gram item first); ``programs_per_sm``: the grid is this many programs per SM; ``gram_block``: the
-    widest Gram block one item sums (a rank above it is cut into block pairs, each its own
-    item: smaller accumulators and fewer products, the rows read once per block pair);
+    (``programs × chunk_rows``; ``inf``: every Gram item first); ``programs_per_sm``: the grid is
+    this many programs per SM; ``gram_block``: the widest Gram block one item sums (a rank above
+    it is cut into block pairs, each its own item: smaller accumulators and fewer products, the
+    rows read once per block pair);
     ``output_stages``: when set, the gradient loop is pipelined this deep over the ``.grad``
     tiles it reads as well as the factor tiles (shared memory for both); ``gram_tma``: the Gram
     items read aligned factors by TMA (where Triton has tensor descriptors).
