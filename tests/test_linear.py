@@ -361,6 +361,38 @@ def test_inference_by_merged_weight(monkeypatch, x_shape, out_features, rank, dt
     assert "merged" in linear._chosen.values()
 
 
+BESIDE_CASES = [
+    # (x shape, out, rank, dtype, with S): odd ranks and row counts, 16-byte aligned rows (the dx
+    # GEMM by TMA); on a GPU bfloat16 at a bench shape (its passes beside it start at once there).
+    ((130, 48), 56, 7, torch.float16, True),
+    ((2, 45, 40), 24, 16, torch.float16, False),
+    pytest.param((4112, 4096), 4112, 128, torch.bfloat16, True, marks=gpu, id="gpu-bench"),
+    pytest.param((1000, 4104), 1032, 7, torch.bfloat16, True, marks=gpu, id="gpu-odd"),
+]
+
+
+@pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton backend: {TRITON_REASON}")
+@pytest.mark.parametrize("x_shape,out_features,rank,dtype,with_S", BESIDE_CASES)
+def test_backward_beside(monkeypatch, x_shape, out_features, rank, dtype, with_S):
+    """Every way of the backward with dU+dS and dVt beside the dx GEMM (each taken first in turn)
+    through the public op, against the float64 oracle."""
+    from sorsa_kernels.triton import linear
+
+    inputs = make_inputs(x_shape, out_features, rank, dtype, torch.float32, with_S=with_S)
+    x = inputs[0].detach().reshape(-1, x_shape[-1])
+    dy = x.new_empty(x.shape[0], out_features)
+    z = linear._rank_buffer(dy, x.shape[0], rank)
+    ways = linear._backward_ways(dy, x, z, inputs[1], inputs[2].detach(), with_S, z)
+    beside = [way for way in ways if way != linear._APART]
+    assert len(beside) >= 2, ways
+    all_ways = linear._backward_ways
+    for way in beside:
+        monkeypatch.setattr(linear, "_chosen", {})
+        monkeypatch.setattr(linear, "_backward_ways", lambda *args, way=way: [way, *all_ways(*args)])
+        check_against_oracle("triton", inputs, 0.37, TOLERANCE[dtype])
+        assert way in linear._chosen.values()
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_gpu_candidates_cover_every_shape(monkeypatch):
     """Every dtype, row count, rank and alignment has a launch configuration on a GPU (the lists

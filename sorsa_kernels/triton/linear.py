@@ -26,6 +26,8 @@ through one function of this module:
 * :func:`gradient_pass`, the backward's ``dU``, ``dS`` and ``g``: ``row_reduction`` and
   ``rank_down`` over dy, or, where the tuner finds it faster (16-bit dy, r ≤ 32), one pass over
   dy that computes all three with float atomics.
+* The backward may run dU+dS and dVt beside the dx GEMM instead of after it (sm_90 on:
+  :func:`_backward_beside`); the tuner times both ways of the whole backward per shape class.
 
 The six products of one training step, with ``z`` and ``g`` kept scaled and rounded to x's dtype
 (every use of them rounds them so for the tensor cores; for 16-bit x that halves their memory)
@@ -145,6 +147,23 @@ def _split_range(length, part, SPLIT, STEP: tl.constexpr):
     span = tl.cdiv(tl.cdiv(length, STEP), SPLIT) * STEP
     start = part * span
     return start, min(length, start + span)
+
+
+@triton.jit
+def _beside_start(BESIDE: tl.constexpr):
+    """A launch that runs beside the launches after it (programmatic dependent launch, sm_90 on):
+    they may start at once, on the SMs its programs leave free."""
+    if BESIDE:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def _beside_end(BESIDE: tl.constexpr):
+    """The end of a launch that may have started beside the one before it: its last program waits
+    for that one, so that the launch, and so the next one in the stream, ends after it."""
+    if BESIDE:
+        if tl.program_id(0) == tl.num_programs(0) - 1:
+            gdc_wait()
 
 
 @triton.jit
@@ -275,6 +294,17 @@ def _remember(key: tuple, plan) -> None:
     _plans[key] = plan
 
 
+def _planned(key: tuple, tensors: tuple, build) -> None:
+    """Launch ``build()(*tensors)``: the plan kept under ``key`` for these tensors' layout, made
+    on a miss (a fixed configuration's, see :func:`_backward_beside`)."""
+    key = (*key, layout_key(*tensors), _mode(tensors[0].dtype))
+    plan = _plans.get(key)
+    if plan is None:
+        plan = build()
+        _remember(key, plan)
+    plan(*tensors)
+
+
 def _mode(dtype: torch.dtype) -> tuple:
     """What a plan depends on besides its arguments: the dot precision and whether reductions
     may split (atomics)."""
@@ -402,12 +432,14 @@ def _extended_matmul_tma_kernel(
     HAS_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, B_ROWS_N: tl.constexpr,
     TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    TMA_STORE: tl.constexpr, SUBTILE: tl.constexpr,
+    TMA_STORE: tl.constexpr, SUBTILE: tl.constexpr, BESIDE: tl.constexpr,
 ):  # fmt: skip
     """Tiles of a ``[M, K]``, b (``[N, K]`` when B_ROWS_N, else ``[K, N]``), t ``[M, r]`` and
     tb ``[N, r]`` by TMA (reads out of range are zeros); c a descriptor (TMA_STORE: clipped
     stores, SUBTILE: in two halves, half the shared memory) or a pointer (row stride stride_cm).
-    PROGRAMS programs walk the tiles: one each when PROGRAMS covers them, else a persistent grid."""
+    PROGRAMS programs walk the tiles: one each when PROGRAMS covers them, else a persistent grid.
+    BESIDE: the launch may start beside the one before it, which it does not read (see
+    :func:`_beside_end`)."""
     DTYPE: tl.constexpr = a_desc.dtype
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -443,6 +475,7 @@ def _extended_matmul_tma_kernel(
         else:
             c_ptrs = c + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
             tl.store(c_ptrs, acc.to(DTYPE), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+    _beside_end(BESIDE)
 
 
 # The pointer kernel's row tiles reach this far ("few rows"); above, TMA tiles of 128 rows.
@@ -588,8 +621,10 @@ def _matmul_key(a, b, t, tb, bias, out) -> tuple:
             a_strides[1] == 1, b_strides[0] == 1)  # fmt: skip
 
 
-def _extended_matmul_plan(a, b, t, tb, bias, out, config: Config):
-    """``plan(a, b, t, tb, bias, out)``: ``config``'s launch for tensors laid out as these."""
+def _extended_matmul_plan(a, b, t, tb, bias, out, config: Config, beside: bool = False):
+    """``plan(a, b, t, tb, bias, out)``: ``config``'s launch for tensors laid out as these;
+    ``beside`` (a TMA config): the launch may start beside the one before it (see
+    :func:`_backward_beside`)."""
     rows, cols = out.shape
     inner = a.shape[1] if b is not None else 0
     rank = t.shape[1]
@@ -602,9 +637,11 @@ def _extended_matmul_plan(a, b, t, tb, bias, out, config: Config):
         tail_k = min(_rank_pad(rank), meta["TAIL_K"])
         tiles = _cdiv(rows, block_m) * _cdiv(cols, block_n)
         programs = min(tiles, _multiprocessor_count(a.device)) if config.persistent else tiles
+        pdl = beside and _has_pdl(a.device) and not _triton_interpreted()
         launch = KernelLaunch(
             _extended_matmul_tma_kernel, (programs,), HAS_TAIL=rank > 0, HAS_BIAS=bias is not None,
-            B_ROWS_N=layout == "[N, K]", **dict(meta, TAIL_K=tail_k),
+            B_ROWS_N=layout == "[N, K]", BESIDE=pdl, **dict(meta, TAIL_K=tail_k),
+            **({"launch_pdl": True} if pdl else {}),
         )  # fmt: skip
         # Descriptors hold the tensors: made on each call from these boxes (shape, strides, block).
         a_box = ([rows, inner], list(a_strides), [block_m, block_k])
@@ -1346,8 +1383,11 @@ def _row_reduction_kernel(
     stride_am, stride_ap, stride_tm, stride_tr, stride_wp, stride_wr, stride_op, stride_or,
     SPLIT,  # runtime: one compiled kernel serves every split (1 is specialized, with plain stores)
     RANK_PAD: tl.constexpr, HAS_S: tl.constexpr, HAS_REDUCTION: tl.constexpr, PRECISION: tl.constexpr,
-    TILE: tl.constexpr, STEP: tl.constexpr,
+    BESIDE: tl.constexpr, TILE: tl.constexpr, STEP: tl.constexpr,
 ):  # fmt: skip
+    """BESIDE: the launch runs beside the launches after it, and may start beside the one before
+    it (see :func:`_beside_start` and :func:`_beside_end`)."""
+    _beside_start(BESIDE)
     DTYPE: tl.constexpr = a_ptr.dtype.element_ty
     ACC: tl.constexpr = out_ptr.dtype.element_ty
     pid_p = tl.program_id(0)
@@ -1369,6 +1409,7 @@ def _row_reduction_kernel(
         acc = _multiply_accumulate(acc, a_t, t.to(DTYPE), PRECISION)
     _reduction_epilogue(acc, offs_p, P, RANK, s_ptr, w_ptr, out_ptr, red_ptr, stride_wp, stride_wr, stride_op,
                         stride_or, SPLIT, RANK_PAD, HAS_S, HAS_REDUCTION)  # fmt: skip
+    _beside_end(BESIDE)
 
 
 @triton.jit
@@ -1376,11 +1417,13 @@ def _row_reduction_tma_kernel(
     a_desc, t_desc, s_ptr, w_ptr, out_ptr, red_ptr,
     M, P, RANK, stride_wp, stride_wr, stride_op, stride_or,
     SPLIT,  # runtime, as in _row_reduction_kernel
-    RANK_PAD: tl.constexpr, HAS_S: tl.constexpr, HAS_REDUCTION: tl.constexpr, TILE: tl.constexpr, STEP: tl.constexpr,
+    RANK_PAD: tl.constexpr, HAS_S: tl.constexpr, HAS_REDUCTION: tl.constexpr, BESIDE: tl.constexpr,
+    TILE: tl.constexpr, STEP: tl.constexpr,
 ):  # fmt: skip
     """:func:`_row_reduction_kernel` for a 16-bit ``a [M, P]`` and t ``[M, r]`` of its dtype, whose
     ``[STEP, ·]`` row blocks arrive by TMA (reads out of range are zeros); a's block enters the
     product transposed from shared memory."""
+    _beside_start(BESIDE)
     m_start, m_end = _split_range(M, tl.program_id(1), SPLIT, STEP)
     off_p = tl.program_id(0) * TILE
     acc = tl.zeros((TILE, RANK_PAD), dtype=tl.float32)
@@ -1388,6 +1431,7 @@ def _row_reduction_tma_kernel(
         acc = tl.dot(a_desc.load([m, off_p]).T, t_desc.load([m, 0]), acc)
     _reduction_epilogue(acc, off_p + tl.arange(0, TILE), P, RANK, s_ptr, w_ptr, out_ptr, red_ptr, stride_wp, stride_wr,
                         stride_op, stride_or, SPLIT, RANK_PAD, HAS_S, HAS_REDUCTION)  # fmt: skip
+    _beside_end(BESIDE)
 
 
 @triton.jit
@@ -1437,13 +1481,17 @@ def row_reduction(a, t, S, out, w=None, red=None, config: Config | None = None):
     return out
 
 
-def _row_reduction_plan(a, t, S, w, out, red, config: Config):
-    """``plan(a, t, S, w, out, red)``: ``config``'s launch for tensors laid out as these."""
+def _row_reduction_plan(a, t, S, w, out, red, config: Config, beside: str | None = None):
+    """``plan(a, t, S, w, out, red)``: ``config``'s launch for tensors laid out as these; ``beside``
+    ``"first"`` or ``"next"``: the first launch, or a later one, of launches that run beside each
+    other (see :func:`_backward_beside`)."""
     rows, columns = a.shape
     rank = t.shape[1]
     meta = config.kwargs
     grid = (_cdiv(columns, meta["TILE"]), config.split)
-    constants = dict(RANK_PAD=_rank_pad(rank), HAS_S=S is not None, HAS_REDUCTION=w is not None, **meta)
+    pdl = beside is not None and _has_pdl(a.device) and not _triton_interpreted()
+    constants = dict(RANK_PAD=_rank_pad(rank), HAS_S=S is not None, HAS_REDUCTION=w is not None, BESIDE=pdl, **meta,
+                     **({"launch_pdl": True} if pdl and beside == "next" else {}))  # fmt: skip
     w_strides = w.stride() if w is not None else (0, 0)
     split = config.split > 1
     if config.tma:
@@ -1741,32 +1789,105 @@ def _backward(dy, x, z, weight, U, S, Vt, scale, needs):
     acc = accumulation_dtype(dy.dtype)
     rows, rank = z.shape
     S = _contiguous(S)
-    dx = dU = dS = dVt = None
     dU_acc = U.new_empty(U.shape, dtype=acc) if need_dU or need_dS else None
     dS_acc = S.new_zeros(S.shape, dtype=acc) if need_dS else None
     g = _rank_buffer(dy, rows, rank) if need_dx or need_dVt else None
-    if rows == 0:
-        if dU_acc is not None:
-            dU_acc.zero_()
-    elif dU_acc is not None and g is not None:
-        gradient_pass(dy, U, z, S, g, dU_acc, dS_acc, scale)
-    elif dU_acc is not None:
-        row_reduction(dy, z, S, dU_acc, w=U if need_dS else None, red=dS_acc)
+    arguments = (dy, x, z, weight, U, S, Vt, scale, g, dU_acc, dS_acc, need_dx, need_dVt)
+    way = _APART
+    if rows > 0 and need_dx and need_dVt and dU_acc is not None:
+        key = ("backward", dy.get_device(), dy.dtype, U.dtype, _row_bucket(rows), *U.shape, x.shape[1], need_dS,
+               layout_key(dy, x, weight))  # fmt: skip
+        way, _ = _choose(key, lambda: _backward_ways(dy, x, z, weight, U, need_dS, g),
+                         lambda w: functools.partial(_backward_by, w, *arguments),
+                         None if dS_acc is None else dS_acc.zero_, graphed=True)  # fmt: skip
+    dx, dVt_acc = _backward_by(way, *arguments)
+    return (dx, dU_acc.to(U.dtype) if need_dU else None, dS_acc.to(S.dtype) if need_dS else None,
+            dVt_acc.to(Vt.dtype) if need_dVt else None)  # fmt: skip
+
+
+# The backward's launches one after another (untuned, and under the interpreter), or, on sm_90,
+# with dU+dS and dVt beside the dx GEMM: see _backward_beside.
+_APART = "apart"
+# Configurations of each pass beside the GEMM the tuner times (the first unsplit ones).
+_BESIDE_CONFIGS = 3
+
+
+def _backward_ways(dy, x, z, weight, U, need_dS, g) -> list:
+    """The ways :func:`_backward_by` may take for these operands: :data:`_APART`, and the
+    ``(dU+dS config or None, dVt config, dx config)`` of :func:`_backward_beside` where it applies
+    (a TMA dx GEMM, and programmatic dependent launch or the interpreter)."""
+    ways = [_APART]
+    beside = _triton_interpreted() or _has_pdl(dy.device)
+    # Beside the GEMM, dVt is made while dx's tail operand Vtᵀ ⊙ S [in, r] lives (apart, after):
+    # with z and g, within the step's memory budget of 4·M·r elements while in ≤ 2·M.
+    beside = beside and x.shape[1] <= 2 * x.shape[0]
+    # (dx, a new tensor, is laid out as a contiguous x.)
+    if not beside or weight is None or _tma_layout(dy, dy.stride(), weight, weight.stride(), g[:, :0], None, x,
+                                                   (x.shape[1], 1)) is None:  # fmt: skip
+        return ways
+    product = next(_tma_config(*block) for block in (_INTERPRETER_TMA_BLOCKS if _triton_interpreted() else TMA_BLOCKS)
+                   if not block[6])  # fmt: skip
+    # Unsplit: a split pass zero-fills its output first, a launch between the ones beside each other.
+    dVt_configs = _unsplit(row_reduction_candidates(x, g))
+    dU_configs = _unsplit(row_reduction_candidates(dy, z, need_dS))
+    ways += [(None, dVt, product) for dVt in dVt_configs]
+    return ways + [(dU, dVt, product) for dU in dU_configs for dVt in dVt_configs]
+
+
+def _unsplit(configs: list[Config]) -> list[Config]:
+    return list(dict.fromkeys(dataclasses.replace(c, split=1) for c in configs))[:_BESIDE_CONFIGS]
+
+
+def _backward_by(way, dy, x, z, weight, U, S, Vt, scale, g, dU, dS, need_dx, need_dVt):
+    """``(dx, float32 dVt)`` where needed, with g and the float32 dU and dS (zeroed) given where
+    needed, one way of :func:`_backward_ways`. dx and dVt are made once the passes before them
+    have freed their temporaries."""
+    if way != _APART:
+        return _backward_beside(way, dy, x, z, weight, U, S, Vt, scale, g, dU, dS)
+    dx = dVt = None
+    if z.shape[0] == 0:
+        if dU is not None:
+            dU.zero_()
+    elif dU is not None and g is not None:
+        gradient_pass(dy, U, z, S, g, dU, dS, scale)
+    elif dU is not None:
+        row_reduction(dy, z, S, dU, w=U if dS is not None else None, red=dS)
     elif g is not None:
         rank_down(dy, U, g, scale)
-    if need_dU:
-        dU = dU_acc.to(U.dtype)
-    if need_dS:
-        dS = dS_acc.to(S.dtype)
     if need_dx:
         dx = x.new_empty(x.shape)
-        if rows > 0:
+        if z.shape[0] > 0:
             extended_matmul(dy, weight, g, scaled_columns(Vt.T, S, dy.dtype).T, None, dx)
     if need_dVt:
-        dVt_acc = Vt.new_empty(Vt.shape, dtype=acc)
-        if rows == 0:
-            dVt_acc.zero_()
+        dVt = Vt.new_empty(Vt.shape, dtype=accumulation_dtype(dy.dtype))
+        if z.shape[0] == 0:
+            dVt.zero_()
         else:
-            row_reduction(x, g, S, dVt_acc.T)
-        dVt = dVt_acc.to(Vt.dtype)
-    return dx, dU, dS, dVt
+            row_reduction(x, g, S, dVt.T)
+    return dx, dVt
+
+
+def _backward_beside(way, dy, x, z, weight, U, S, Vt, scale, g, dU, dS):
+    """The backward with its skinny passes that the dx GEMM does not read beside it: g (with dU+dS
+    where ``way``'s dU config is None: :func:`gradient_pass`) first, then dU+dS (unless done) and
+    dVt in few programs (one per column tile, unsplit), which on sm_90 let the GEMM start at once
+    on the other SMs (programmatic dependent launch, a non-persistent grid), so that their reads
+    of dy and x overlap its products."""
+    dU_config, dVt_config, product = way
+    w = U if dS is not None else None
+    if dU_config is None:
+        gradient_pass(dy, U, z, S, g, dU, dS, scale)
+    else:
+        rank_down(dy, U, g, scale)
+    tail = scaled_columns(Vt.T, S, dy.dtype).T
+    dx, dVt = x.new_empty(x.shape), Vt.new_empty(Vt.shape, dtype=accumulation_dtype(dy.dtype))
+    chain = "first"
+    if dU_config is not None:
+        _planned(("beside", dU_config, chain), (dy, z, S, w, dU, dS),
+                 lambda: _row_reduction_plan(dy, z, S, w, dU, dS, dU_config, "first"))  # fmt: skip
+        chain = "next"
+    _planned(("beside", dVt_config, chain), (x, g, S, None, dVt.T, None),
+             lambda: _row_reduction_plan(x, g, S, None, dVt.T, None, dVt_config, chain))  # fmt: skip
+    _planned(("beside", product), (dy, weight, g, tail, None, dx),
+             lambda: _extended_matmul_plan(dy, weight, g, tail, None, dx, product, beside=True))  # fmt: skip
+    return dx, dVt
