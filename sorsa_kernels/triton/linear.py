@@ -225,11 +225,11 @@ class Config:
 
 AUTOTUNE_ENV = "SORSA_KERNELS_AUTOTUNE"
 
-# (launch function, shape key) -> the chosen Config (or, for infer, the chosen way).
-_chosen: dict[tuple, Config | str] = {}
+# (launch function, shape key) -> the chosen Config (or, for infer and the backward, the chosen way).
+_chosen: dict[tuple, Config | str | tuple] = {}
 
 
-def _choose(key: tuple, candidates, plan, reset=None, graphed=False) -> tuple[Config | str, bool]:
+def _choose(key: tuple, candidates, plan, reset=None, graphed=False) -> tuple[Config | str | tuple, bool]:
     """``(config, final)``: the configuration cached for ``key``; on a miss the fastest of
     ``candidates()``, each timed by running ``plan(config)()`` (a complete launch on the real
     outputs, which the caller repeats afterwards; ``reset()`` then undoes what the timing runs
