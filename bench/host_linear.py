@@ -54,8 +54,8 @@ def launch_rows():
     out = torch.empty(64, 16, device=DEVICE)
     kernels.rank_down(a, b, out)
     meta = next(iter(kernels._chosen.values())).kwargs
-    args = (a, b, out, 64, 256, 16, 1.0, 0.0, *a.stride(), *b.stride(), *out.stride(), 1, 0)
-    constants = dict(RANK_PAD=16, PRECISION="ieee", STAGED=False, **meta)
+    args = (a, b, out, 64, 256, 16, 1.0, 0.0, *a.stride(), *b.stride(), *out.stride(), 1, 0, None, 0, 0)
+    constants = dict(RANK_PAD=16, PRECISION="ieee", STAGED=False, SIGNAL=False, BESIDE=False, **meta)
     compiled = kernels._rank_down_kernel[(1, 1)](*args, **constants)
     every_argument = list(args) + [constants[n] for n in kernels._rank_down_kernel.arg_names[len(args) :]]
     stream = torch.cuda.current_stream().cuda_stream

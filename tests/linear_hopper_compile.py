@@ -47,7 +47,28 @@ def launches_of(case):
                 product.launch(config)
                 label = f"{product.name} {dtype}/{adapter_dtype} M={rows} r={rank} [{config}]"
                 labelled += [(label, launch) for launch in launches]
+        for name, way, run in beside_ways(x, weight, U, S, Vt, dy):
+            del launches[:]
+            run()
+            labelled += [(f"{name} {dtype}/{adapter_dtype} M={rows} r={rank} {way}", launch) for launch in launches]
     return labelled
+
+
+def beside_ways(x, weight, U, S, Vt, dy):
+    """``(name, way, run)`` for each way of the forward and the backward with passes beside the
+    GEMM (as on an H100, where launches may start beside the one before them)."""
+    rows, rank = x.shape[0], U.shape[1]
+    z, g = linear._rank_buffer(x, rows, rank), linear._rank_buffer(dy, rows, rank)
+    y, up, down = torch.empty_like(dy), linear.scaled_columns(U, S, x.dtype).T, Vt.T
+    forward = (x, weight.T, down, up, None, 0.5, z, y)
+    acc = linear.accumulation_dtype(x.dtype)
+    dU, dS = torch.empty_like(U, dtype=acc), torch.empty_like(S, dtype=acc)
+    backward = (dy, x, z, weight, U, S, Vt, 0.5, g, dU, dS, True, True)
+    ways = [("forward", way, lambda way=way: linear._forward_by(way, *forward))
+            for way in linear._forward_ways(x, weight.T, down, up, z, y)]  # fmt: skip
+    ways += [("backward", way, lambda way=way: linear._backward_by(way, *backward))
+             for way in linear._backward_ways(dy, x, z, weight, U, True, g)]  # fmt: skip
+    return [way for way in ways if way[1] != linear._APART]
 
 
 def usage(compiled):
@@ -55,6 +76,8 @@ def usage(compiled):
 
 
 def main():
+    linear._has_pdl = lambda device: True  # as on an H100 (meta tensors are on no GPU)
+    os.environ[linear.AUTOTUNE_ENV] = "0"  # the ways' other launches take their first candidates: nothing is timed
     labelled = [item for case in CASES for item in launches_of(case)]
     results = compile_all([launch for _, launch in labelled], GPUTarget("cuda", 90, 32), summarize=usage)
     failures, seen = 0, set()

@@ -362,14 +362,30 @@ def test_inference_by_merged_weight(monkeypatch, x_shape, out_features, rank, dt
 
 
 BESIDE_CASES = [
-    # (x shape, out, rank, dtype, with S): odd ranks and row counts, 16-byte aligned rows (the dx
-    # GEMM by TMA), in ≤ 2·M (else the way does not apply); on a GPU bfloat16 at a bench shape (its
-    # passes beside it start at once there).
+    # (x shape, out, rank, dtype, with S): odd ranks and row counts, 16-byte aligned rows (the y
+    # and dx GEMMs by TMA), in ≤ 2·M (else the backward's way does not apply); on a GPU bfloat16
+    # at a bench shape (the passes beside the GEMM start at once there).
     ((130, 48), 56, 7, torch.float16, True),
     ((2, 45, 40), 24, 16, torch.float16, False),
-    pytest.param((4112, 4096), 4112, 128, torch.bfloat16, True, marks=gpu, id="gpu-bench"),
+    pytest.param((4112, 4096), 4112, 16, torch.bfloat16, True, marks=gpu, id="gpu-bench"),
     pytest.param((2100, 4104), 1032, 7, torch.bfloat16, True, marks=gpu, id="gpu-odd"),
 ]
+
+
+@pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton backend: {TRITON_REASON}")
+@pytest.mark.parametrize("x_shape,out_features,rank,dtype,with_S", BESIDE_CASES)
+def test_forward_beside(monkeypatch, x_shape, out_features, rank, dtype, with_S):
+    """Every way of the forward with z's pass beside the y GEMM (each taken first in turn) through
+    the public op, with and without grad, against the float64 oracle (a bias where there is S)."""
+    from sorsa_kernels.triton import linear
+
+    inputs = make_inputs(x_shape, out_features, rank, dtype, torch.float32, with_S=with_S, with_bias=with_S)
+    x, weight, U, _, Vt, _ = (t.detach() if t is not None else None for t in inputs)
+    x = x.reshape(-1, x_shape[-1])
+    y = x.new_empty(x.shape[0], out_features)
+    z = linear._rank_buffer(x, x.shape[0], rank)
+    ways = linear._forward_ways(x, weight.T, Vt.T, linear.scaled_columns(U, None, dtype).T, z, y)
+    check_each_way_beside(monkeypatch, "_forward_ways", ways, inputs, TOLERANCE[dtype])
 
 
 @pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton backend: {TRITON_REASON}")
@@ -384,13 +400,21 @@ def test_backward_beside(monkeypatch, x_shape, out_features, rank, dtype, with_S
     dy = x.new_empty(x.shape[0], out_features)
     z = linear._rank_buffer(dy, x.shape[0], rank)
     ways = linear._backward_ways(dy, x, z, inputs[1], inputs[2].detach(), with_S, z)
+    check_each_way_beside(monkeypatch, "_backward_ways", ways, inputs, TOLERANCE[dtype])
+
+
+def check_each_way_beside(monkeypatch, ways_function: str, ways, inputs, tol):
+    """Each of ``ways`` with passes beside a GEMM (at least two), made the first of what the
+    Triton backend's ``ways_function`` returns, in turn: the op through it against float64."""
+    from sorsa_kernels.triton import linear
+
     beside = [way for way in ways if way != linear._APART]
     assert len(beside) >= 2, ways
-    all_ways = linear._backward_ways
+    all_ways = getattr(linear, ways_function)
     for way in beside:
         monkeypatch.setattr(linear, "_chosen", {})
-        monkeypatch.setattr(linear, "_backward_ways", lambda *args, way=way: [way, *all_ways(*args)])
-        check_against_oracle("triton", inputs, 0.37, TOLERANCE[dtype])
+        monkeypatch.setattr(linear, ways_function, lambda *args, way=way: [way, *all_ways(*args)])
+        check_against_oracle("triton", inputs, 0.37, tol)
         assert way in linear._chosen.values()
 
 

@@ -149,6 +149,6 @@ def test_tuned_choice_computes_right(monkeypatch):
     monkeypatch.setattr(linear, "_chosen", {})
     monkeypatch.setattr(linear, "_plans", {})
     check(make_inputs((1000, 1024), 768, 64, torch.bfloat16, torch.float32), 0.5, TOLERANCE[torch.bfloat16])
-    # The step's six launches, the backward's way (apart or beside), and the no-grad forward's
-    # way (fused or merged) and merge.
-    assert len(linear._chosen) == 9, "one tuned choice per launch of the step, per way, and of inference"
+    # The step's six launches, the forward's and the backward's ways (apart or beside), and the
+    # no-grad forward's way (fused or merged) and merge.
+    assert len(linear._chosen) == 10, "one tuned choice per launch of the step, per way, and of inference"

@@ -167,6 +167,17 @@ def _beside_end(BESIDE: tl.constexpr):
 
 
 @triton.jit
+def _async_proxy_fence(ON: tl.constexpr):
+    """Orders what this thread has read (a count acquired) before its TMA reads after it, which
+    pass through another proxy than plain loads and stores (sm_90 on): without it they might read
+    data that the count says another running launch has stored. Off where launches run one after
+    the other (and under the interpreter)."""
+    if ON:
+        tl.inline_asm_elementwise("fence.proxy.async.global; // dummy $0", "=r", [], dtype=tl.int32, is_pure=False,
+                                  pack=1)  # fmt: skip
+
+
+@triton.jit
 def _rank_tail(acc, t_ptr, tb_ptr, rows, cols, RANK, stride_tm, stride_tr, stride_tbr, stride_tbn,
                DTYPE: tl.constexpr, PRECISION: tl.constexpr, TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr):  # fmt: skip
     """``acc + (t[rows] → DTYPE) · (tb[:, cols] → DTYPE)``: the rank-r end of the K loop (rows
@@ -225,7 +236,8 @@ class Config:
 
 AUTOTUNE_ENV = "SORSA_KERNELS_AUTOTUNE"
 
-# (launch function, shape key) -> the chosen Config (or, for infer and the backward, the chosen way).
+# (launch function, shape key) -> the chosen Config (or, for infer, the forward and the backward, the
+# chosen way).
 _chosen: dict[tuple, Config | str | tuple] = {}
 
 
@@ -294,15 +306,15 @@ def _remember(key: tuple, plan) -> None:
     _plans[key] = plan
 
 
-def _planned(key: tuple, tensors: tuple, build) -> None:
-    """Launch ``build()(*tensors)``: the plan kept under ``key`` for these tensors' layout, made
-    on a miss (a fixed configuration's, see :func:`_backward_beside`)."""
+def _planned(key: tuple, tensors: tuple, build, *more) -> None:
+    """Launch ``build()(*tensors, *more)``: the plan kept under ``key`` for these tensors'
+    layout, made on a miss (a fixed configuration's, see :func:`_backward_beside`)."""
     key = (*key, layout_key(*tensors), _mode(tensors[0].dtype))
     plan = _plans.get(key)
     if plan is None:
         plan = build()
         _remember(key, plan)
-    plan(*tensors)
+    plan(*tensors, *more)
 
 
 def _mode(dtype: torch.dtype) -> tuple:
@@ -426,20 +438,31 @@ def _extended_matmul_kernel(
 
 
 @triton.jit
+def _tma_rank_tail(acc, t_desc, tb_desc, off_m, off_n, RANK, TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr):
+    """``acc + t[off_m:, :]·tb[off_n:, :]ᵀ``: the TMA kernel's rank tail in steps of TAIL_K ranks."""
+    for r0 in tl.range(0, RANK, TAIL_K, num_stages=TAIL_STAGES):
+        acc = tl.dot(t_desc.load([off_m, r0]), tb_desc.load([off_n, r0]).T, acc)
+    return acc
+
+
+@triton.jit
 def _extended_matmul_tma_kernel(
-    a_desc, b_desc, t_desc, tb_desc, c, bias_ptr,
+    a_desc, b_desc, t_desc, tb_desc, c, bias_ptr, ready_ptr,
     M, N, K, RANK, PROGRAMS, stride_cm,
     HAS_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, B_ROWS_N: tl.constexpr,
     TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    TMA_STORE: tl.constexpr, SUBTILE: tl.constexpr, BESIDE: tl.constexpr,
+    TMA_STORE: tl.constexpr, SUBTILE: tl.constexpr, BESIDE: tl.constexpr, AWAIT_TAIL: tl.constexpr,
 ):  # fmt: skip
     """Tiles of a ``[M, K]``, b (``[N, K]`` when B_ROWS_N, else ``[K, N]``), t ``[M, r]`` and
     tb ``[N, r]`` by TMA (reads out of range are zeros); c a descriptor (TMA_STORE: clipped
     stores, SUBTILE: in two halves, half the shared memory) or a pointer (row stride stride_cm).
     PROGRAMS programs walk the tiles: one each when PROGRAMS covers them, else a persistent grid.
-    BESIDE: the launch may start beside the one before it, which it does not read (see
-    :func:`_beside_end`)."""
+    BESIDE: the launch may start beside the one before it (see :func:`_beside_end`), which it
+    does not read, or, with AWAIT_TAIL, which writes t: a :func:`_rank_down_kernel` with SIGNAL,
+    counting each block of BLOCK_M rows of t ready in the int32 ``ready`` for this launch's
+    column tiles. A tile then adds its rank tail after its main loop, once its rows are counted,
+    and takes itself off the count, which the launch so leaves zero."""
     DTYPE: tl.constexpr = a_desc.dtype
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -450,11 +473,10 @@ def _extended_matmul_tma_kernel(
         off_n = pid_n * BLOCK_N
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
-        # The rank tail, a few K steps, starts the accumulator; the main loop ends in the epilogue.
+        # Unawaited, the rank tail, a few K steps, starts the accumulator; the main loop ends in the epilogue.
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if HAS_TAIL:
-            for r0 in tl.range(0, RANK, TAIL_K, num_stages=TAIL_STAGES):
-                acc = tl.dot(t_desc.load([off_m, r0]), tb_desc.load([off_n, r0]).T, acc)
+        if HAS_TAIL and not AWAIT_TAIL:
+            acc = _tma_rank_tail(acc, t_desc, tb_desc, off_m, off_n, RANK, TAIL_K, TAIL_STAGES)
         for k in range(k_steps):
             a = a_desc.load([off_m, k * BLOCK_K])
             if B_ROWS_N:
@@ -462,6 +484,13 @@ def _extended_matmul_tma_kernel(
             else:
                 b = b_desc.load([k * BLOCK_K, off_n])
             acc = tl.dot(a, b, acc)
+        if AWAIT_TAIL:
+            ready = _int32_at(ready_ptr) + pid_m
+            while tl.atomic_add(ready, 0, sem="acquire") == 0:
+                pass
+            _async_proxy_fence(BESIDE)  # t's rows, stored by the pass, are read by TMA below
+            acc = _tma_rank_tail(acc, t_desc, tb_desc, off_m, off_n, RANK, TAIL_K, TAIL_STAGES)
+            tl.atomic_add(ready, -1, sem="relaxed")
         if HAS_BIAS:
             acc += tl.load(bias_ptr + (offs_n % N)).to(tl.float32)[None, :]
         if TMA_STORE:
@@ -621,10 +650,11 @@ def _matmul_key(a, b, t, tb, bias, out) -> tuple:
             a_strides[1] == 1, b_strides[0] == 1)  # fmt: skip
 
 
-def _extended_matmul_plan(a, b, t, tb, bias, out, config: Config, beside: bool = False):
+def _extended_matmul_plan(a, b, t, tb, bias, out, config: Config, beside: bool = False, await_tail: bool = False):
     """``plan(a, b, t, tb, bias, out)``: ``config``'s launch for tensors laid out as these;
     ``beside`` (a TMA config): the launch may start beside the one before it (see
-    :func:`_backward_beside`)."""
+    :func:`_backward_beside`); ``await_tail`` (a TMA config) too, and ``plan(..., ready)``
+    awaits t's rows as that launch counts them ready (see :func:`_forward_beside`)."""
     rows, cols = out.shape
     inner = a.shape[1] if b is not None else 0
     rank = t.shape[1]
@@ -637,10 +667,10 @@ def _extended_matmul_plan(a, b, t, tb, bias, out, config: Config, beside: bool =
         tail_k = min(_rank_pad(rank), meta["TAIL_K"])
         tiles = _cdiv(rows, block_m) * _cdiv(cols, block_n)
         programs = min(tiles, _multiprocessor_count(a.device)) if config.persistent else tiles
-        pdl = beside and _has_pdl(a.device) and not _triton_interpreted()
+        pdl = (beside or await_tail) and _has_pdl(a.device) and not _triton_interpreted()
         launch = KernelLaunch(
             _extended_matmul_tma_kernel, (programs,), HAS_TAIL=rank > 0, HAS_BIAS=bias is not None,
-            B_ROWS_N=layout == "[N, K]", BESIDE=pdl, **dict(meta, TAIL_K=tail_k),
+            B_ROWS_N=layout == "[N, K]", BESIDE=pdl, AWAIT_TAIL=await_tail, **dict(meta, TAIL_K=tail_k),
             **({"launch_pdl": True} if pdl else {}),
         )  # fmt: skip
         # Descriptors hold the tensors: made on each call from these boxes (shape, strides, block).
@@ -655,10 +685,11 @@ def _extended_matmul_plan(a, b, t, tb, bias, out, config: Config, beside: bool =
         tma_store = meta["TMA_STORE"]
         scalars = (rows, cols, inner, rank, programs, out_strides[0])
 
-        def plan_tma(a, b, t, tb, bias, out):
+        def plan_tma(a, b, t, tb, bias, out, ready=None):
             c = PlannedDescriptor(out, *c_box) if tma_store else out
             t_desc, tb_desc = (PlannedDescriptor(t, *t_box), PlannedDescriptor(tb, *tb_box)) if rank else (None, None)
-            launch(PlannedDescriptor(a, *a_box), PlannedDescriptor(b, *b_box), t_desc, tb_desc, c, bias, *scalars)
+            launch(PlannedDescriptor(a, *a_box), PlannedDescriptor(b, *b_box), t_desc, tb_desc, c, bias, ready,
+                   *scalars)  # fmt: skip
 
         return plan_tma
     launch = KernelLaunch(
@@ -814,13 +845,35 @@ def _rank_down_kernel(
     stride_am, stride_ak, stride_bk, stride_br, stride_om, stride_or,
     SPLIT,  # runtime: one compiled kernel serves every split (1 is specialized, with plain stores)
     stride_bpart,  # STAGED: from b's rounding to its residue
-    RANK_PAD: tl.constexpr, PRECISION: tl.constexpr, STAGED: tl.constexpr,
+    ready_ptr, READY_ROWS, READERS,  # SIGNAL
+    RANK_PAD: tl.constexpr, PRECISION: tl.constexpr, STAGED: tl.constexpr, SIGNAL: tl.constexpr, BESIDE: tl.constexpr,
     TILE: tl.constexpr, STEP: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    # Program program_id(1) of SPLIT reduces one contiguous range of whole K blocks.
+    """Programs program_id(0), + num_programs(0), ... of row tiles, each program program_id(1)
+    of SPLIT reducing one contiguous range of whole K blocks. SIGNAL (SPLIT = 1): once a tile's
+    rows are stored, each block of READY_ROWS of them is counted ready in the int32 ``ready``
+    with its READERS (see :func:`_extended_matmul_tma_kernel`'s AWAIT_TAIL); BESIDE: see
+    :func:`_beside_start`."""
+    _beside_start(BESIDE)
     k_start, k_end = _split_range(K, tl.program_id(1), SPLIT, STEP)
+    arguments = (a_ptr, b_ptr, out_ptr, M, RANK, scale_hi, scale_lo, k_start, k_end, stride_am, stride_ak, stride_bk,
+                 stride_br, stride_om, stride_or, SPLIT, stride_bpart)  # fmt: skip
+    if SIGNAL:  # (a loop over one tile would hold more registers: z spilled at r = 128 on sm_90)
+        for pid_m in range(tl.program_id(0), tl.cdiv(M, TILE), tl.num_programs(0)):
+            _rank_down_tile(pid_m, *arguments, RANK_PAD, PRECISION, STAGED, TILE, STEP)
+            tl.debug_barrier()  # every thread's stores happen before the counts that release them
+            first = pid_m * TILE // READY_ROWS
+            for block in range(first, min(first + TILE // READY_ROWS, tl.cdiv(M, READY_ROWS))):
+                tl.atomic_xchg(_int32_at(ready_ptr) + block, READERS, sem="release")
+    else:
+        _rank_down_tile(tl.program_id(0), *arguments, RANK_PAD, PRECISION, STAGED, TILE, STEP)
 
+
+@triton.jit
+def _rank_down_tile(pid_m, a_ptr, b_ptr, out_ptr, M, RANK, scale_hi, scale_lo, k_start, k_end, stride_am, stride_ak,
+                    stride_bk, stride_br, stride_om, stride_or, SPLIT, stride_bpart, RANK_PAD: tl.constexpr,
+                    PRECISION: tl.constexpr, STAGED: tl.constexpr, TILE: tl.constexpr, STEP: tl.constexpr):  # fmt: skip
+    """Row tile pid_m of :func:`_rank_down_kernel` over ``k_start ≤ k < k_end``."""
     offs_m = pid_m * TILE + tl.arange(0, TILE)
     ranks = tl.arange(0, RANK_PAD)
     acc = _down_sum(a_ptr, b_ptr, (offs_m % M).to(tl.int64), ranks, k_start, k_end, RANK, stride_am, stride_ak,
@@ -963,14 +1016,21 @@ def rank_down(a, b, out, scale: float = 1.0, config: Config | None = None):
     return out
 
 
-def _rank_down_plan(a, b, out, scale, config: Config):
-    """``plan(a, b, out)``: ``config``'s launch for tensors laid out as these."""
+def _rank_down_plan(a, b, out, scale, config: Config, signal: tuple[int, int, int] | None = None):
+    """``plan(a, b, out)``: ``config``'s launch for tensors laid out as these; with ``signal``
+    ``(programs, ready_rows, readers)`` (an unsplit config), ``plan(a, b, out, ready)``: that
+    many programs walk the row tiles in order, counting each block of ``ready_rows`` rows ready
+    for ``readers`` tiles in ``ready`` (see :func:`_rank_down_kernel`), and on sm_90 the next
+    launch may start at once, beside this one."""
     rows, inner = a.shape
     rank = b.shape[1]
     meta = config.kwargs
+    tiles = _cdiv(rows, meta["TILE"])
+    programs, ready_rows, readers = signal or (tiles, 0, 0)
     launch = KernelLaunch(
-        _rank_down_kernel, (_cdiv(rows, meta["TILE"]), config.split), RANK_PAD=_rank_pad(rank),
-        PRECISION=_dot_precision(a.dtype), STAGED=config.staged, **meta,
+        _rank_down_kernel, (min(programs, tiles), config.split), RANK_PAD=_rank_pad(rank),
+        PRECISION=_dot_precision(a.dtype), STAGED=config.staged, SIGNAL=signal is not None,
+        BESIDE=signal is not None and _has_pdl(a.device) and not _triton_interpreted(), **meta,
     )  # fmt: skip
     stage, b_strides = _stage(b, a.dtype, 2) if config.staged else (None, (*b.stride(), 0))
     scalars = (rows, inner, rank, *_float32_pair(scale), *a.stride(), *b_strides[:2])
@@ -980,16 +1040,16 @@ def _rank_down_plan(a, b, out, scale, config: Config):
     round_sums = _rounding(out.shape, (rank, 1), out.stride(), 0, 1, False) if split and out.dtype != accumulation else None
     sums_strides = (rank, 1) if round_sums else out.stride()
 
-    def plan(a, b, out):
+    def plan(a, b, out, ready=None):
         b = stage(b) if stage else b
         if round_sums:
             sums = out.new_zeros((rows, rank), dtype=accumulation)
-            launch(a, b, sums, *scalars, *sums_strides, config.split, b_strides[2])
+            launch(a, b, sums, *scalars, *sums_strides, config.split, b_strides[2], None, ready_rows, readers)
             round_sums(sums, None, out)
         else:
             if split:
                 out.zero_()
-            launch(a, b, out, *scalars, *sums_strides, config.split, b_strides[2])
+            launch(a, b, out, *scalars, *sums_strides, config.split, b_strides[2], ready, ready_rows, readers)
 
     return plan
 
@@ -1726,6 +1786,34 @@ def _rank_buffer(like, rows: int, rank: int):
     return like.new_empty((rows, _aligned_width(rank, like.dtype)))[:, :rank]
 
 
+# The forward's or the backward's launches one after another (untuned, and under the
+# interpreter), or, on sm_90, with z's pass beside the y GEMM (_forward_beside), dU+dS's and
+# dVt's beside the dx GEMM (_backward_beside).
+_APART = "apart"
+# Configurations of each pass beside the GEMM the tuner times (the first unsplit ones).
+_BESIDE_CONFIGS = 3
+# Programs of z's pass beside the y GEMM that the tuner tries: few enough to leave the GEMM
+# most SMs (on an H100 the best of 8-66 was 8 on most shapes, 16 or 32 on a few; the probe of
+# bench/results/overlap-probe-*-forward-*.txt, on the branch experiment/overlap-pass).
+_BESIDE_PROGRAMS = (8, 16, 32)
+# The widest z whose pass the tuner tries beside the y GEMM: on few SMs a wider pass (two
+# products a step with the adapter's rounding and residue) outlasted the GEMM's main loops (in
+# that probe, r = 16 saved up to 67 µs and lost on 1 of 8 shapes; r = 64 and 128 lost on 8 of
+# 11, up to 96 µs).
+_BESIDE_RANK = 32
+
+
+def _beside_product() -> Config:
+    """The GEMM's configuration in a way with passes beside it: the first TMA one with a program
+    per tile, whose later tiles take the SMs the passes leave (a persistent grid would not)."""
+    blocks = _INTERPRETER_TMA_BLOCKS if _triton_interpreted() else TMA_BLOCKS
+    return next(_tma_config(*block) for block in blocks if not block[6])
+
+
+def _unsplit(configs: list[Config]) -> list[Config]:
+    return list(dict.fromkeys(dataclasses.replace(c, split=1) for c in configs))[:_BESIDE_CONFIGS]
+
+
 def forward(x, weight, U, S, Vt, bias, scale):
     """The backend interface's forward, saving ``scale·x Vtᵀ`` rounded to x's dtype (its only
     uses, the rank tail and dU's pass, take it so on tensor cores), at half the memory of float32
@@ -1736,10 +1824,59 @@ def forward(x, weight, U, S, Vt, bias, scale):
     if rows == 0:
         return y, z
     with on_device(x.device):
-        rank_down(x, Vt.T, z, scale)
-        tail = scaled_columns(U, _contiguous(S), x.dtype)
-        extended_matmul(x, None if weight is None else weight.T, z, tail.T, _contiguous(bias), y)
+        b = None if weight is None else weight.T
+        tail, bias = scaled_columns(U, _contiguous(S), x.dtype).T, _contiguous(bias)
+        arguments = (x, b, Vt.T, tail, bias, scale, z, y)
+        way = _APART
+        if b is not None:
+            key = ("forward", x.get_device(), x.dtype, U.dtype, _row_bucket(rows), *U.shape, x.shape[1],
+                   layout_key(x, b, bias))  # fmt: skip
+            way, _ = _choose(key, lambda: _forward_ways(x, b, Vt.T, tail, z, y),
+                             lambda w: functools.partial(_forward_by, w, *arguments), graphed=True)  # fmt: skip
+        _forward_by(way, *arguments)
     return y, z
+
+
+def _forward_ways(x, b, down, tail, z, y) -> list:
+    """The ways :func:`_forward_by` may take for these operands: :data:`_APART`, and the
+    ``(z config, programs, y config)`` of :func:`_forward_beside` where it applies (a TMA y
+    GEMM, r ≤ :data:`_BESIDE_RANK`, and programmatic dependent launch or the interpreter)."""
+    ways = [_APART]
+    if z.shape[1] > _BESIDE_RANK or not (_triton_interpreted() or _has_pdl(x.device)):
+        return ways
+    if _tma_layout(x, x.stride(), b, b.stride(), z, tail, y, y.stride()) is None:
+        return ways
+    product = _beside_product()
+    block_m = product.kwargs["BLOCK_M"]
+    passes = [c for c in _unsplit(rank_down_candidates(x, down)) if c.kwargs["TILE"] % block_m == 0]
+    programs = (1, 2) if _triton_interpreted() else _BESIDE_PROGRAMS
+    return ways + [(config, count, product) for config in passes for count in programs]
+
+
+def _forward_by(way, x, b, down, tail, bias, scale, z, y) -> None:
+    """z and y one way of :func:`_forward_ways`."""
+    if way == _APART:
+        rank_down(x, down, z, scale)
+        extended_matmul(x, b, z, tail, bias, y)
+    else:
+        _forward_beside(way, x, b, down, tail, bias, scale, z, y)
+
+
+def _forward_beside(way, x, b, down, tail, bias, scale, z, y) -> None:
+    """z's pass on ``way``'s few programs, walking z's row tiles in order and counting each
+    block of the y GEMM's rows ready, then the y GEMM, which on sm_90 starts at once on the other
+    SMs (programmatic dependent launch, a non-persistent grid), each tile awaiting its rows of z
+    only before its rank tail: the pass's read of x overlaps the GEMM's products."""
+    z_config, programs, product = way
+    block_m, block_n = product.kwargs["BLOCK_M"], product.kwargs["BLOCK_N"]
+    rows = x.shape[0]
+    # The counts of z's row blocks, left zero by the GEMM's tiles (one per column tile).
+    ready = zeroed_workspace(x.device, _cdiv(rows, block_m))
+    signal = (programs, block_m, _cdiv(y.shape[1], block_n))
+    _planned(("beside", z_config, signal, scale), (x, down, z),
+             lambda: _rank_down_plan(x, down, z, scale, z_config, signal), ready)  # fmt: skip
+    _planned(("beside", product, "awaits"), (x, b, z, tail, bias, y),
+             lambda: _extended_matmul_plan(x, b, z, tail, bias, y, product, await_tail=True), ready)  # fmt: skip
 
 
 def infer(x, weight, U, S, Vt, bias, scale):
@@ -1805,13 +1942,6 @@ def _backward(dy, x, z, weight, U, S, Vt, scale, needs):
             dVt_acc.to(Vt.dtype) if need_dVt else None)  # fmt: skip
 
 
-# The backward's launches one after another (untuned, and under the interpreter), or, on sm_90,
-# with dU+dS and dVt beside the dx GEMM: see _backward_beside.
-_APART = "apart"
-# Configurations of each pass beside the GEMM the tuner times (the first unsplit ones).
-_BESIDE_CONFIGS = 3
-
-
 def _backward_ways(dy, x, z, weight, U, need_dS, g) -> list:
     """The ways :func:`_backward_by` may take for these operands: :data:`_APART`, and the
     ``(dU+dS config or None, dVt config, dx config)`` of :func:`_backward_beside` where it applies
@@ -1825,17 +1955,12 @@ def _backward_ways(dy, x, z, weight, U, need_dS, g) -> list:
     if not beside or weight is None or _tma_layout(dy, dy.stride(), weight, weight.stride(), g[:, :0], None, x,
                                                    (x.shape[1], 1)) is None:  # fmt: skip
         return ways
-    product = next(_tma_config(*block) for block in (_INTERPRETER_TMA_BLOCKS if _triton_interpreted() else TMA_BLOCKS)
-                   if not block[6])  # fmt: skip
+    product = _beside_product()
     # Unsplit: a split pass zero-fills its output first, a launch between the ones beside each other.
     dVt_configs = _unsplit(row_reduction_candidates(x, g))
     dU_configs = _unsplit(row_reduction_candidates(dy, z, need_dS))
     ways += [(None, dVt, product) for dVt in dVt_configs]
     return ways + [(dU, dVt, product) for dU in dU_configs for dVt in dVt_configs]
-
-
-def _unsplit(configs: list[Config]) -> list[Config]:
-    return list(dict.fromkeys(dataclasses.replace(c, split=1) for c in configs))[:_BESIDE_CONFIGS]
 
 
 def _backward_by(way, dy, x, z, weight, U, S, Vt, scale, g, dU, dS, need_dx, need_dVt):
