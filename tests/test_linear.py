@@ -419,6 +419,27 @@ def check_each_way_beside(monkeypatch, ways_function: str, ways, inputs, tol):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_graphed_choice_takes_the_least_median_over_rounds(monkeypatch):
+    """Timed from graphs, every candidate is timed in each round, the order rotating, and the
+    least median wins: one slow timing does not decide (as it does timed once each)."""
+    from sorsa_kernels.triton import linear
+
+    timings = {"a": iter([1.0, 9.0, 1.0, 1.0, 1.0]), "b": iter([2.0] * 5)}
+    calls = []
+
+    def scripted_ms(run, graphed):
+        calls.append(run)
+        return next(timings[run])
+
+    monkeypatch.setattr(linear, "_time_ms", scripted_ms)
+    monkeypatch.setattr(linear, "_GRAPHED_ROUNDS", 5)
+    assert linear._fastest(["a", "b"], lambda c: c, graphed=True) == "a"
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a", "a", "b"]
+    timings = {"a": iter([9.0]), "b": iter([2.0])}
+    assert linear._fastest(["a", "b"], lambda c: c, graphed=False) == "b"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_gpu_candidates_cover_every_shape(monkeypatch):
     """Every dtype, row count, rank and alignment has a launch configuration on a GPU (the lists
     there are pruned by shape; the interpreter has its own)."""
