@@ -1,6 +1,6 @@
 """How well the tuner picks the forward's and the backward's ways (apart, or passes beside the
-GEMM): for each shape, the way ``_choose`` picks in several fresh tunings (each a single timing
-of every way from CUDA graphs, as on a first call), against every way timed from graphs in
+GEMM): for each shape, the way ``_choose`` picks in several fresh tunings (each timing every
+way from CUDA graphs as on a first call), against every way timed from graphs in
 turns over several rounds (:func:`~sorsa_kernels.benchmark.common.interleaved_ms`). Prints the
 picks, the best way by the rounds' median and what each pick costs over it (µs).
 ``python bench/probe_way_choice.py [--tokens M ...] [--shapes INxOUT ...] [--ranks R ...]

@@ -247,7 +247,8 @@ def _choose(key: tuple, candidates, plan, reset=None, graphed=False) -> tuple[Co
     ``candidates()``, each timed by running ``plan(config)()`` (a complete launch on the real
     outputs, which the caller repeats afterwards; ``reset()`` then undoes what the timing runs
     accumulated), with ``graphed`` as replays of a CUDA graph of it (device time: launches so
-    short that the host's launch cost would decide an eager timing). Inside a CUDA graph
+    short that the host's launch cost would decide an eager timing), in rounds (see
+    :func:`_fastest`). Inside a CUDA graph
     capture, where nothing can be timed, the first candidate, not final: a later call chooses."""
     key += (torch.are_deterministic_algorithms_enabled(),)  # which candidates may split
     config = _chosen.get(key)
