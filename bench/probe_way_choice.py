@@ -8,7 +8,6 @@ picks, the best way by the rounds' median and what each pick costs over it (µs)
 ``bench/results/way-choice-probe-*.txt``."""
 
 import argparse
-import functools
 import statistics
 
 import torch
@@ -16,6 +15,7 @@ import torch
 from sorsa_kernels import sorsa_linear
 from sorsa_kernels.benchmark.common import environment, interleaved_ms
 from sorsa_kernels.benchmark.linear import _inputs
+from sorsa_kernels.benchmark.linear_products import step_ways
 from sorsa_kernels.triton import linear
 from sorsa_kernels.triton.common import graphed
 
@@ -26,23 +26,6 @@ def _label(way) -> str:
     if way == linear._APART:
         return way
     return "|".join("-" if part is None else str(part).replace(" ", ",") for part in way[:-1])
-
-
-def _ways(x, weight, U, S, Vt, dy):
-    """``{direction: {way: run}}`` for the forward and the backward of these inputs."""
-    rows, rank = x.shape[0], U.shape[1]
-    z, g = linear._rank_buffer(x, rows, rank), linear._rank_buffer(dy, rows, rank)
-    y, tail = torch.empty_like(dy), linear.scaled_columns(U, S, x.dtype).T
-    forward = (x, weight.T, Vt.T, tail, None, SCALE, z, y)
-    linear._forward_by(linear._APART, *forward)
-    dU, dS = torch.empty(U.shape, device=x.device), torch.zeros(S.shape, device=x.device)
-    backward = (dy, x, z, weight, U, S, Vt, SCALE, g, dU, dS, True, True)
-    return {
-        "forward": {way: functools.partial(linear._forward_by, way, *forward)
-                    for way in linear._forward_ways(x, weight.T, Vt.T, tail, z, y)},
-        "backward": {way: functools.partial(linear._backward_by, way, *backward)
-                     for way in linear._backward_ways(dy, x, z, weight, U, True, g)},
-    }  # fmt: skip
 
 
 def _picks(x, weight, U, S, Vt, dy, tunings: int) -> dict[str, list]:
@@ -69,7 +52,9 @@ def main(tokens_list, shapes, ranks, tunings):
                 x, weight, U, S, Vt, dy = _inputs(tokens, in_features, out_features, rank, device)
                 x, U, S, Vt = x.detach(), U.detach(), S.detach(), Vt.detach()
                 picks = _picks(x, weight, U, S, Vt, dy, tunings)
-                for direction, ways in _ways(x, weight, U, S, Vt, dy).items():
+                ways_of = step_ways(x, weight, U, S, Vt, dy, SCALE)
+                ways_of["forward"][linear._APART]()  # z, which the backward's ways read
+                for direction, ways in ways_of.items():
                     if len(ways) < 2:
                         continue
                     times = interleaved_ms({way: graphed(run) for way, run in ways.items()})

@@ -15,7 +15,12 @@ assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run without TRITON
 import torch  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from sorsa_kernels.benchmark.linear_products import compiled_variants, meta_step_inputs, step_products  # noqa: E402
+from sorsa_kernels.benchmark.linear_products import (  # noqa: E402
+    compiled_variants,
+    meta_step_inputs,
+    step_products,
+    step_ways,
+)
 from sorsa_kernels.benchmark.precompile import captured_launches, compile_all, resource_usage  # noqa: E402
 from sorsa_kernels.triton import linear  # noqa: E402
 
@@ -48,28 +53,14 @@ def launches_of(case):
                 product.launch(config)
                 label = f"{product.name} {dtype}/{adapter_dtype} M={rows} r={rank} [{config}]"
                 labelled += [(label, launch) for launch in launches]
-        for name, way, run in beside_ways(x, weight, U, S, Vt, dy):
-            del launches[:]
-            run()
-            labelled += [(f"{name} {dtype}/{adapter_dtype} M={rows} r={rank} {way}", launch) for launch in launches]
+        for direction, ways in step_ways(x, weight, U, S, Vt, dy, 0.5).items():
+            for way, run in ways.items():
+                if way != linear._APART:  # (apart: the products above)
+                    del launches[:]
+                    run()
+                    label = f"{direction} {dtype}/{adapter_dtype} M={rows} r={rank} {way}"
+                    labelled += [(label, launch) for launch in launches]
     return labelled
-
-
-def beside_ways(x, weight, U, S, Vt, dy):
-    """``(name, way, run)`` for each way of the forward and the backward with passes beside the
-    GEMM (as on an H100, where launches may start beside the one before them)."""
-    rows, rank = x.shape[0], U.shape[1]
-    z, g = linear._rank_buffer(x, rows, rank), linear._rank_buffer(dy, rows, rank)
-    y, up, down = torch.empty_like(dy), linear.scaled_columns(U, S, x.dtype).T, Vt.T
-    forward = (x, weight.T, down, up, None, 0.5, z, y)
-    acc = linear.accumulation_dtype(x.dtype)
-    dU, dS = torch.empty_like(U, dtype=acc), torch.empty_like(S, dtype=acc)
-    backward = (dy, x, z, weight, U, S, Vt, 0.5, g, dU, dS, True, True)
-    ways = [("forward", way, lambda way=way: linear._forward_by(way, *forward))
-            for way in linear._forward_ways(x, weight.T, down, up, z, y)]  # fmt: skip
-    ways += [("backward", way, lambda way=way: linear._backward_by(way, *backward))
-             for way in linear._backward_ways(dy, x, z, weight, U, True, g)]  # fmt: skip
-    return [way for way in ways if way[1] != linear._APART]
 
 
 def usage(compiled):

@@ -8,6 +8,7 @@ compile check compiles (on meta tensors)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -135,6 +136,26 @@ def step_products(x, weight, U, S, Vt, dy, scale, *, rank_zero=False) -> list[Pr
             2 * in_features * out_features * rank,
         ))  # fmt: skip
     return products
+
+
+def step_ways(x, weight, U, S, Vt, dy, scale) -> dict[str, dict]:
+    """``{"forward": {way: run}, "backward": {way: run}}``: every way the Triton backend's
+    forward and backward may take on these inputs (apart, and with passes beside the GEMM where
+    they apply), each ``run()`` computing the direction's outputs that way: what
+    bench/probe_way_choice.py times and the sm_90 compile check compiles."""
+    rows, rank = x.shape[0], U.shape[1]
+    z, g = kernels._rank_buffer(x, rows, rank), kernels._rank_buffer(dy, rows, rank)
+    y, up, down = torch.empty_like(dy), kernels.scaled_columns(U, S, x.dtype).T, Vt.T
+    acc = accumulation_dtype(x.dtype)
+    dU, dS = torch.empty_like(U, dtype=acc), torch.zeros_like(S, dtype=acc)
+    forward = (x, weight.T, down, up, None, scale, z, y)
+    backward = (dy, x, z, weight, U, S, Vt, scale, g, dU, dS, True, True)
+    return {
+        "forward": {way: functools.partial(kernels._forward_by, way, *forward)
+                    for way in kernels._forward_ways(x, weight.T, down, up, z, y)},
+        "backward": {way: functools.partial(kernels._backward_by, way, *backward)
+                     for way in kernels._backward_ways(dy, x, z, weight, U, True, g)},
+    }  # fmt: skip
 
 
 def compiled_variants(product: Product) -> list:

@@ -26,8 +26,10 @@ through one function of this module:
 * :func:`gradient_pass`, the backward's ``dU``, ``dS`` and ``g``: ``row_reduction`` and
   ``rank_down`` over dy, or, where the tuner finds it faster (16-bit dy, r ≤ 32), one pass over
   dy that computes all three with float atomics.
-* The backward may run dU+dS and dVt beside the dx GEMM instead of after it (sm_90 on:
-  :func:`_backward_beside`); the tuner times both ways of the whole backward per shape class.
+* The forward may run z's pass beside the y GEMM (r ≤ 32), and the backward dU+dS and dVt
+  beside the dx GEMM, instead of before or after it (sm_90 on: :func:`_forward_beside`,
+  :func:`_backward_beside`); the tuner times the ways of the whole forward and backward per
+  shape class.
 
 The six products of one training step, with ``z`` and ``g`` kept scaled and rounded to x's dtype
 (every use of them rounds them so for the tensor cores; for 16-bit x that halves their memory)
@@ -248,8 +250,8 @@ def _choose(key: tuple, candidates, plan, reset=None, graphed=False) -> tuple[Co
     outputs, which the caller repeats afterwards; ``reset()`` then undoes what the timing runs
     accumulated), with ``graphed`` as replays of a CUDA graph of it (device time: launches so
     short that the host's launch cost would decide an eager timing), in rounds (see
-    :func:`_fastest`). Inside a CUDA graph
-    capture, where nothing can be timed, the first candidate, not final: a later call chooses."""
+    :func:`_fastest`). Inside a CUDA graph capture, where nothing can be timed, the first
+    candidate, not final: a later call chooses."""
     key += (torch.are_deterministic_algorithms_enabled(),)  # which candidates may split
     config = _chosen.get(key)
     if config is not None:
