@@ -280,6 +280,8 @@ def kernel_inputs(rows, in_features, out_features, rank, dtype, adapter_dtype):
         pytest.param(4112, 4096, 4112, 128, torch.bfloat16, marks=gpu, id="gpu-bf16"),
         # The one-pass gradient (r <= 32).
         pytest.param(8208, 256, 8208, 7, torch.bfloat16, marks=gpu, id="gpu-bf16-one-pass"),
+        # The TMA GEMMs' rank tail prefetched (r <= 32), with edge tiles in rows and columns.
+        pytest.param(1000, 4104, 1032, 7, torch.bfloat16, marks=gpu, id="gpu-bf16-prefetched-tail"),
         pytest.param(1000, 4095, 1027, 128, torch.float32, marks=gpu, id="gpu-fp32"),
         # Interpreter: 16-bit operands with 16-byte aligned rows take the TMA kernel, others not.
         pytest.param(96, 48, 40, 7, torch.float16, id="fp16-tma"),

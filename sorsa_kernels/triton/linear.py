@@ -472,17 +472,45 @@ def _tma_rank_tail(acc, t_desc, tb_desc, off_m, off_n, RANK, TAIL_K: tl.constexp
 
 
 @triton.jit
+def _prefetched_rank_tail(t_ptr, tb_ptr, offs_m, offs_n, M, N, RANK, stride_tm, stride_tbn, TAIL_K: tl.constexpr):
+    """The TMA kernel's rank tail tiles ``t[offs_m, :]`` and ``tb[offs_n, :]`` (one step of TAIL_K
+    ≥ RANK ranks) by plain loads, which the tile's main loop does not wait for: its product after
+    the loop finds them arrived. By TMA before the loop, each tile waited for them before its main
+    loop's first loads went out (at 4096², r = 16, y took 1.067x cuBLAS so, 1.059x prefetched and
+    1.048x without a tail: bench/results/gemm-stages-probe-*-tail.txt)."""
+    ranks = tl.arange(0, TAIL_K)
+    in_rank = (ranks < RANK)[None, :]
+    t_tile = tl.load(t_ptr + offs_m.to(tl.int64)[:, None] * stride_tm + ranks[None, :],
+                     mask=(offs_m < M)[:, None] & in_rank, other=0.0)  # fmt: skip
+    tb_tile = tl.load(tb_ptr + offs_n.to(tl.int64)[:, None] * stride_tbn + ranks[None, :],
+                      mask=(offs_n < N)[:, None] & in_rank, other=0.0)  # fmt: skip
+    return t_tile, tb_tile
+
+
+@triton.jit
+def _held(tile, ON: tl.constexpr):
+    """``tile`` (16-bit) passed through an opaque move where it is used, so that the compiler
+    stages it into shared memory for a product there and not where it was loaded (which would wait
+    for the load at once). Off under the interpreter, which runs no inline assembly."""
+    if ON:
+        tile = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [tile], dtype=tile.dtype, is_pure=False, pack=2)
+    return tile
+
+
+@triton.jit
 def _extended_matmul_tma_kernel(
-    a_desc, b_desc, t_desc, tb_desc, c, bias_ptr, ready_ptr,
-    M, N, K, RANK, PROGRAMS, stride_cm,
+    a_desc, b_desc, t_desc, tb_desc, t_ptr, tb_ptr, c, bias_ptr, ready_ptr,
+    M, N, K, RANK, PROGRAMS, stride_cm, stride_tm, stride_tbn,
     HAS_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, B_ROWS_N: tl.constexpr,
-    TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr,
+    TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr, TAIL_PREFETCH: tl.constexpr, HOLD_TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TMA_STORE: tl.constexpr, SUBTILE: tl.constexpr, BESIDE: tl.constexpr, AWAIT_TAIL: tl.constexpr,
 ):  # fmt: skip
     """Tiles of a ``[M, K]``, b (``[N, K]`` when B_ROWS_N, else ``[K, N]``), t ``[M, r]`` and
-    tb ``[N, r]`` by TMA (reads out of range are zeros); c a descriptor (TMA_STORE: clipped
-    stores, SUBTILE: in two halves, half the shared memory) or a pointer (row stride stride_cm).
+    tb ``[N, r]`` by TMA (reads out of range are zeros), or with TAIL_PREFETCH t and tb by plain
+    loads from t_ptr and tb_ptr (see :func:`_prefetched_rank_tail`); c a descriptor (TMA_STORE:
+    clipped stores, SUBTILE: in two halves, half the shared memory) or a pointer (row stride
+    stride_cm).
     PROGRAMS programs walk the tiles: one each when PROGRAMS covers them, else a persistent grid.
     BESIDE: the launch may start beside the one before it (see :func:`_beside_end`), which it
     does not read, or, with AWAIT_TAIL, which writes t: a :func:`_rank_down_kernel` with SIGNAL,
@@ -499,9 +527,13 @@ def _extended_matmul_tma_kernel(
         off_n = pid_n * BLOCK_N
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
-        # Unawaited, the rank tail, a few K steps, starts the accumulator; the main loop ends in the epilogue.
+        # A rank tail by TMA, unawaited, a few K steps, starts the accumulator; one prefetched, or awaited,
+        # ends the main loop.
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if HAS_TAIL and not AWAIT_TAIL:
+        if HAS_TAIL and TAIL_PREFETCH:
+            t_tile, tb_tile = _prefetched_rank_tail(t_ptr, tb_ptr, offs_m, offs_n, M, N, RANK, stride_tm, stride_tbn,
+                                                    TAIL_K)  # fmt: skip
+        elif HAS_TAIL and not AWAIT_TAIL:
             acc = _tma_rank_tail(acc, t_desc, tb_desc, off_m, off_n, RANK, TAIL_K, TAIL_STAGES)
         for k in range(k_steps):
             a = a_desc.load([off_m, k * BLOCK_K])
@@ -517,6 +549,8 @@ def _extended_matmul_tma_kernel(
             _async_proxy_fence(BESIDE)  # t's rows, stored by the pass, are read by TMA below
             acc = _tma_rank_tail(acc, t_desc, tb_desc, off_m, off_n, RANK, TAIL_K, TAIL_STAGES)
             tl.atomic_add(ready, -1, sem="relaxed")
+        if HAS_TAIL and TAIL_PREFETCH:
+            acc = tl.dot(_held(t_tile, HOLD_TAIL), _held(tb_tile, HOLD_TAIL).T, acc)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + (offs_n % N)).to(tl.float32)[None, :]
         if TMA_STORE:
@@ -553,15 +587,20 @@ _POINTER_BLOCKS = {
 # TMA kernel: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, GROUP_M, persistent, epilogue, TAIL_K,
 # TAIL_STAGES) with epilogue "tma", "subtile" (TMA stores of two halves: half the shared memory)
 # or "pointer" (masked stores; with 128x128 tiles two programs fit one SM); a persistent grid
-# walks the tiles in one program per SM; the rank tail takes TAIL_K ranks a step, its loads
-# pipelined TAIL_STAGES deep. (Triton 3.6 neither flattens the tile and K loops nor
-# warp-specializes them on Hopper once the rank tail adds a second inner loop: the one fails to
-# compile, the other allocates twice the shared memory there is.)
+# walks the tiles in one program per SM; a rank tail by TMA (above _PREFETCHED_RANK) takes TAIL_K
+# ranks a step, its loads pipelined TAIL_STAGES deep. (Triton 3.6 neither flattens the tile and K
+# loops nor warp-specializes them on Hopper once the rank tail adds a second inner loop: the one
+# fails to compile, the other allocates twice the shared memory there is.)
 TMA_BLOCKS = [  # the H100 sweep's winners (bench/sweep_linear.py) over the bench shapes
     (128, 256, 64, 8, 3, 8, False, "subtile", 32, 2),
     (128, 256, 64, 8, 3, 8, False, "subtile", 64, 1),
     (128, 256, 64, 8, 3, 8, True, "subtile", 32, 2),
 ]
+# Up to this rank the TMA kernel loads its rank tail by plain loads before the main loop and
+# multiplies it after (see :func:`_prefetched_rank_tail`); above, by TMA before the loop. (A
+# configuration with TAIL_PREFETCH=False takes the tail by TMA at any rank: the probe
+# bench/probe_gemm_stages.py times both.)
+_PREFETCHED_RANK = 32
 # Under the interpreter: small tiles, every grid and epilogue.
 _INTERPRETER_TMA_BLOCKS = [
     (32, 32, 32, 4, 2, 2, True, "subtile", 16, 2), (16, 32, 16, 4, 2, 2, False, "tma", 16, 1),
@@ -690,13 +729,15 @@ def _extended_matmul_plan(a, b, t, tb, bias, out, config: Config, beside: bool =
     if config.tma:
         layout = _tma_layout(a, a_strides, b, b_strides, t, tb, out, out_strides)
         block_m, block_n, block_k = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
-        tail_k = min(_rank_pad(rank), meta["TAIL_K"])
+        prefetch = meta.get("TAIL_PREFETCH", 0 < rank <= _PREFETCHED_RANK) and not await_tail
+        tail_k = _rank_pad(rank) if prefetch else min(_rank_pad(rank), meta["TAIL_K"])
         tiles = _cdiv(rows, block_m) * _cdiv(cols, block_n)
         programs = min(tiles, _multiprocessor_count(a.device)) if config.persistent else tiles
         pdl = (beside or await_tail) and _has_pdl(a.device) and not _triton_interpreted()
         launch = KernelLaunch(
             _extended_matmul_tma_kernel, (programs,), HAS_TAIL=rank > 0, HAS_BIAS=bias is not None,
-            B_ROWS_N=layout == "[N, K]", BESIDE=pdl, AWAIT_TAIL=await_tail, **dict(meta, TAIL_K=tail_k),
+            B_ROWS_N=layout == "[N, K]", BESIDE=pdl, AWAIT_TAIL=await_tail,
+            **dict(meta, TAIL_K=tail_k, TAIL_PREFETCH=prefetch, HOLD_TAIL=prefetch and not _triton_interpreted()),
             **({"launch_pdl": True} if pdl else {}),
         )  # fmt: skip
         # Descriptors hold the tensors: made on each call from these boxes (shape, strides, block).
@@ -709,12 +750,16 @@ def _extended_matmul_plan(a, b, t, tb, bias, out, config: Config, beside: bool =
         tb_box = ([cols, rank], [tb.stride()[1], 1], [block_n, tail_k])
         c_box = ([rows, cols], list(out_strides), [block_m, block_n // 2 if meta["SUBTILE"] else block_n])
         tma_store = meta["TMA_STORE"]
-        scalars = (rows, cols, inner, rank, programs, out_strides[0])
+        scalars = (rows, cols, inner, rank, programs, out_strides[0], t.stride(0), tb.stride(1))
+        described = rank > 0 and not prefetch  # the tail by TMA
 
         def plan_tma(a, b, t, tb, bias, out, ready=None):
             c = PlannedDescriptor(out, *c_box) if tma_store else out
-            t_desc, tb_desc = (PlannedDescriptor(t, *t_box), PlannedDescriptor(tb, *tb_box)) if rank else (None, None)
-            launch(PlannedDescriptor(a, *a_box), PlannedDescriptor(b, *b_box), t_desc, tb_desc, c, bias, ready,
+            t_desc = PlannedDescriptor(t, *t_box) if described else None
+            tb_desc = PlannedDescriptor(tb, *tb_box) if described else None
+            if not prefetch:
+                t = tb = None
+            launch(PlannedDescriptor(a, *a_box), PlannedDescriptor(b, *b_box), t_desc, tb_desc, t, tb, c, bias, ready,
                    *scalars)  # fmt: skip
 
         return plan_tma
@@ -735,7 +780,15 @@ def _extended_matmul_plan(a, b, t, tb, bias, out, config: Config, beside: bool =
 def matmul_candidates(a, b, t, tb, bias, out) -> list[Config]:
     """The configurations :func:`extended_matmul` chooses among for these operands."""
     layout, aligned, _, _ = _operand_class(a, b, t, tb, out)
-    return _matmul_candidates(out.shape[0], out.element_size(), layout is not None, aligned)
+    candidates = _matmul_candidates(out.shape[0], out.element_size(), layout is not None, aligned)
+    if 0 < t.shape[1] <= _PREFETCHED_RANK:
+        # The tail's step and depth do not apply: configurations that differ only there are one.
+        distinct = {}
+        for config in candidates:
+            meta = tuple((name, value) for name, value in config.meta if name not in ("TAIL_K", "TAIL_STAGES"))
+            distinct.setdefault(dataclasses.replace(config, meta=meta), config)
+        candidates = list(distinct.values())
+    return candidates
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1908,7 +1961,8 @@ def _forward_beside(way, x, b, down, tail, bias, scale, z, y) -> None:
 def infer(x, weight, U, S, Vt, bias, scale):
     """The backend interface's forward without z: at most :data:`FEW_ROWS` rows (decode) by
     :func:`few_rows_forward`; more as :func:`forward` or, where the tuner finds it faster for the
-    shape class (16-bit x), by :func:`merged_forward`."""
+    shape class (16-bit x; timed from CUDA graphs in rounds, as one eager timing each picked
+    differently from run to run), by :func:`merged_forward`."""
     rows = x.shape[0]
     if rows == 0 or x.dtype == torch.float64:
         return forward(x, weight, U, S, Vt, bias, scale)[0]
@@ -1920,8 +1974,8 @@ def infer(x, weight, U, S, Vt, bias, scale):
     way = "fused"
     if _mergeable(x, weight, bias):
         key = ("infer", x.get_device(), x.dtype, U.dtype, _row_bucket(rows), *U.shape, x.shape[1])
-        way, _ = _choose(key, lambda: list(_INFER_WAYS), lambda w: functools.partial(_infer_by, w, x, weight, U, S, Vt,
-                                                                                     bias, scale))  # fmt: skip
+        way, _ = _choose(key, lambda: list(_INFER_WAYS),
+                         lambda w: functools.partial(_infer_by, w, x, weight, U, S, Vt, bias, scale), graphed=True)
     return _infer_by(way, x, weight, U, S, Vt, bias, scale)
 
 
