@@ -17,6 +17,7 @@ import argparse
 import torch
 
 from sorsa_kernels.benchmark.common import environment, interleaved_ms, median_ratio
+from sorsa_kernels.benchmark.linear import _inputs
 from sorsa_kernels.benchmark.linear_products import gpu_target, meta_step_inputs, step_products
 from sorsa_kernels.benchmark.precompile import captured_launches, compile_all
 from sorsa_kernels.triton import linear as kernels
@@ -71,14 +72,9 @@ def main(cases):
     _precompile(cases)
     info = environment()
     print(info["device"], f"torch {info['versions']['torch']}, triton {info['versions']['triton']}", flush=True)
-    cuda = dict(device="cuda")
+    cuda = torch.device("cuda")
     for rows, in_features, out_features, rank in cases:
-        x = torch.randn(rows, in_features, dtype=torch.bfloat16, **cuda)
-        weight = (torch.randn(out_features, in_features, **cuda) / in_features**0.5).to(torch.bfloat16)
-        U = torch.randn(out_features, rank, **cuda) / out_features**0.5
-        S = torch.rand(rank, **cuda) + 0.5
-        Vt = torch.randn(rank, in_features, **cuda) / in_features**0.5
-        dy = torch.randn(rows, out_features, dtype=torch.bfloat16, **cuda)
+        x, weight, U, S, Vt, dy = (t.detach() for t in _inputs(rows, in_features, out_features, rank, cuda))
         cublas = {"y": lambda: torch.nn.functional.linear(x, weight), "dx": lambda: dy @ weight}
         for bare in (False, True):
             products = step_products(x, weight, U, S, Vt, dy, 0.5, rank_zero=bare)
