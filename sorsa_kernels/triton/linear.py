@@ -733,7 +733,7 @@ def _extended_matmul_plan(a, b, t, tb, bias, out, config: Config, beside: bool =
         tail_k = _rank_pad(rank) if prefetch else min(_rank_pad(rank), meta["TAIL_K"])
         tiles = _cdiv(rows, block_m) * _cdiv(cols, block_n)
         programs = min(tiles, _multiprocessor_count(a.device)) if config.persistent else tiles
-        pdl = (beside or await_tail) and _has_pdl(a.device) and not _triton_interpreted()
+        pdl = (beside or await_tail) and _has_pdl(a.device)
         launch = KernelLaunch(
             _extended_matmul_tma_kernel, (programs,), HAS_TAIL=rank > 0, HAS_BIAS=bias is not None,
             B_ROWS_N=layout == "[N, K]", BESIDE=pdl, AWAIT_TAIL=await_tail,
@@ -1109,7 +1109,7 @@ def _rank_down_plan(a, b, out, scale, config: Config, signal: tuple[int, int, in
     launch = KernelLaunch(
         _rank_down_kernel, (min(programs, tiles), config.split), RANK_PAD=_rank_pad(rank),
         PRECISION=_dot_precision(a.dtype), STAGED=config.staged, SIGNAL=signal is not None,
-        BESIDE=signal is not None and _has_pdl(a.device) and not _triton_interpreted(), **meta,
+        BESIDE=signal is not None and _has_pdl(a.device), **meta,
     )  # fmt: skip
     stage, b_strides = _stage(b, a.dtype, 2) if config.staged else (None, (*b.stride(), 0))
     scalars = (rows, inner, rank, *_float32_pair(scale), *a.stride(), *b_strides[:2])
@@ -1321,8 +1321,10 @@ def _down_split(steps: int, blocks: int, device) -> int:
 
 @functools.cache
 def _has_pdl(device: torch.device) -> bool:
-    """Whether launches on ``device`` may use programmatic dependent launch (sm_90 on)."""
-    return HAS_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+    """Whether launches on ``device`` may use programmatic dependent launch (sm_90 on, compiled:
+    the interpreter runs launches one after the other)."""
+    return (HAS_PDL and not _triton_interpreted() and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (9, 0))  # fmt: skip
 
 
 def _few_rows_plan(x, weight, U, S, Vt, bias, y, scale, config: Config):
@@ -1331,7 +1333,7 @@ def _few_rows_plan(x, weight, U, S, Vt, bias, y, scale, config: Config):
     cols, rank = U.shape
     meta = config.kwargs
     precision = _dot_precision(x.dtype)
-    pdl = _has_pdl(x.device) and not _triton_interpreted()
+    pdl = _has_pdl(x.device)
     down_step, down_warps, down_stages = _DOWN_LAUNCH
     blocks = (_cdiv(rows, _DOWN_ROWS), _cdiv(rank, _DOWN_RANKS))
     down_split = _down_split(_cdiv(inner, down_step), blocks[0] * blocks[1], x.device)
@@ -1628,7 +1630,7 @@ def _row_reduction_plan(a, t, S, w, out, red, config: Config, beside: str | None
     rank = t.shape[1]
     meta = config.kwargs
     grid = (_cdiv(columns, meta["TILE"]), config.split)
-    pdl = beside is not None and _has_pdl(a.device) and not _triton_interpreted()
+    pdl = beside is not None and _has_pdl(a.device)
     constants = dict(RANK_PAD=_rank_pad(rank), HAS_S=S is not None, HAS_REDUCTION=w is not None, BESIDE=pdl, **meta,
                      **({"launch_pdl": True} if pdl and beside == "next" else {}))  # fmt: skip
     w_strides = w.stride() if w is not None else (0, 0)
