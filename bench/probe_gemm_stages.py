@@ -27,7 +27,9 @@ SHIPPED = (128, 256, 64, 8, 3, 8, False, "subtile", 32, 2)
 BLOCKS = {
     "3 stages": SHIPPED,
     "3 stages, persistent": (128, 256, 64, 8, 3, 8, True, "subtile", 32, 2),
-    "4 stages": (128, 256, 64, 8, 4, 8, False, "subtile", 32, 2),
+    "flattened, tail 16": (128, 256, 64, 8, 3, 8, "flattened", "subtile", 16, 1),
+    "flattened, tail 32": (128, 256, 64, 8, 3, 8, "flattened", "subtile", 32, 1),
+    "flattened, tail 64": (128, 256, 64, 8, 3, 8, "flattened", "subtile", 64, 1),
 }
 CASES = ["4096x4096x4096x16", "4096x4096x4096x32", "4096x4096x11008x16", "4096x11008x4096x16", "4096x4096x14336x16",
          "4096x4096x1024x16", "16384x4096x11008x16", "16384x11008x4096x16", "16384x4096x14336x16",
@@ -35,12 +37,13 @@ CASES = ["4096x4096x4096x16", "4096x4096x4096x32", "4096x4096x11008x16", "4096x1
 
 
 def _configs(rank: int, bare: bool) -> dict:
-    """The configurations timed: :data:`BLOCKS`' (the rank tail as the plan picks it), and up
-    to the prefetched rank the shipped one with the tail by TMA before the main loop; the bare
-    GEMM the shipped one alone."""
+    """The configurations timed: :data:`BLOCKS`' (the rank tail as the plan picks it; flattened
+    tails no wider than the rank's), and up to the prefetched rank the shipped one with the tail
+    by TMA before the main loop; the bare GEMM the shipped one and a flattened one."""
     if bare:
-        return {"bare": kernels._tma_config(*SHIPPED)}
-    configs = {name: kernels._tma_config(*block) for name, block in BLOCKS.items()}
+        return {"bare": kernels._tma_config(*SHIPPED), "flattened": kernels._tma_config(*BLOCKS["flattened, tail 16"])}
+    configs = {name: kernels._tma_config(*block) for name, block in BLOCKS.items()
+               if block[6] != "flattened" or block[8] <= kernels._rank_pad(rank)}
     if rank <= kernels._PREFETCHED_RANK:
         shipped = kernels._tma_config(*SHIPPED)
         configs["3 stages, TMA tail"] = kernels.Config.of(shipped.warps, shipped.stages, tma=True,

@@ -29,7 +29,7 @@ H100_SHARED_BYTES = 232448
 # largest and an oversized rank), the one-pass gradient's class, unaligned rows, decode (at the
 # largest rank too), and the other dtypes. (float16 compiles as bfloat16.)
 CASES = [
-    *((torch.bfloat16, torch.float32, 4096, 4096, 11008, rank) for rank in (16, 128, 256)),
+    *((torch.bfloat16, torch.float32, 4096, 4096, 11008, rank) for rank in (16, 64, 128, 256)),
     *((torch.bfloat16, adapter, 16384, 4096, 11008, 32) for adapter in (torch.float32, torch.bfloat16)),
     (torch.bfloat16, torch.bfloat16, 4096, 4096, 4096, 128),
     *((torch.bfloat16, torch.float32, rows, 4100, 4096, 128) for rows in (4096, 8)),  # rows not 16-byte aligned

@@ -282,9 +282,14 @@ def kernel_inputs(rows, in_features, out_features, rank, dtype, adapter_dtype):
         pytest.param(8208, 256, 8208, 7, torch.bfloat16, marks=gpu, id="gpu-bf16-one-pass"),
         # The TMA GEMMs' rank tail prefetched (r <= 32), with edge tiles in rows and columns.
         pytest.param(1000, 4104, 1032, 7, torch.bfloat16, marks=gpu, id="gpu-bf16-prefetched-tail"),
+        # The flattened TMA GEMM's tail unrolled at its largest (r = 64: the most shared memory).
+        pytest.param(1000, 4104, 1032, 64, torch.bfloat16, marks=gpu, id="gpu-bf16-unrolled-tail"),
         pytest.param(1000, 4095, 1027, 128, torch.float32, marks=gpu, id="gpu-fp32"),
         # Interpreter: 16-bit operands with 16-byte aligned rows take the TMA kernel, others not.
         pytest.param(96, 48, 40, 7, torch.float16, id="fp16-tma"),
+        # The flattened TMA GEMM's rank tail in unrolled steps (r <= 64), and as a loop.
+        pytest.param(96, 48, 40, 40, torch.float16, id="fp16-tma-unrolled-tail"),
+        pytest.param(96, 80, 72, 72, torch.float16, id="fp16-tma-tail-loop"),
         pytest.param(70, 45, 37, 5, torch.float32, id="fp32-pointer"),
         # Few rows: also the one-launch forward of inference.
         pytest.param(3, 48, 40, 7, torch.float16, id="fp16-few"),

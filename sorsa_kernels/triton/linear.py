@@ -464,10 +464,16 @@ def _extended_matmul_kernel(
 
 
 @triton.jit
-def _tma_rank_tail(acc, t_desc, tb_desc, off_m, off_n, RANK, TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr):
-    """``acc + t[off_m:, :]·tb[off_n:, :]ᵀ``: the TMA kernel's rank tail in steps of TAIL_K ranks."""
-    for r0 in tl.range(0, RANK, TAIL_K, num_stages=TAIL_STAGES):
-        acc = tl.dot(t_desc.load([off_m, r0]), tb_desc.load([off_n, r0]).T, acc)
+def _tma_rank_tail(acc, t_desc, tb_desc, off_m, off_n, RANK, TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr,
+                   UNROLLED: tl.constexpr):
+    """``acc + t[off_m:, :]·tb[off_n:, :]ᵀ``: the TMA kernel's rank tail in steps of TAIL_K ranks,
+    a loop or (UNROLLED > 0) that many steps unrolled."""
+    if UNROLLED:
+        for step in tl.static_range(UNROLLED):
+            acc = tl.dot(t_desc.load([off_m, step * TAIL_K]), tb_desc.load([off_n, step * TAIL_K]).T, acc)
+    else:
+        for r0 in tl.range(0, RANK, TAIL_K, num_stages=TAIL_STAGES):
+            acc = tl.dot(t_desc.load([off_m, r0]), tb_desc.load([off_n, r0]).T, acc)
     return acc
 
 
@@ -505,6 +511,7 @@ def _extended_matmul_tma_kernel(
     TAIL_K: tl.constexpr, TAIL_STAGES: tl.constexpr, TAIL_PREFETCH: tl.constexpr, HOLD_TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TMA_STORE: tl.constexpr, SUBTILE: tl.constexpr, BESIDE: tl.constexpr, AWAIT_TAIL: tl.constexpr,
+    FLATTEN: tl.constexpr, TAIL_UNROLLED: tl.constexpr,
 ):  # fmt: skip
     """Tiles of a ``[M, K]``, b (``[N, K]`` when B_ROWS_N, else ``[K, N]``), t ``[M, r]`` and
     tb ``[N, r]`` by TMA (reads out of range are zeros), or with TAIL_PREFETCH t and tb by plain
@@ -512,6 +519,9 @@ def _extended_matmul_tma_kernel(
     clipped stores, SUBTILE: in two halves, half the shared memory) or a pointer (row stride
     stride_cm).
     PROGRAMS programs walk the tiles: one each when PROGRAMS covers them, else a persistent grid.
+    FLATTEN (a persistent grid): the rank tail by TMA after the main loop, in TAIL_UNROLLED steps
+    unrolled, which lets Triton pipeline the tile and K loops as one (the next tile's first loads
+    go out during this tile's tail and epilogue); with TAIL_UNROLLED = 0, a loop, which it does not.
     BESIDE: the launch may start beside the one before it (see :func:`_beside_end`), which it
     does not read, or, with AWAIT_TAIL, which writes t: a :func:`_rank_down_kernel` with SIGNAL,
     counting each block of BLOCK_M rows of t ready in the int32 ``ready`` for this launch's
@@ -521,20 +531,20 @@ def _extended_matmul_tma_kernel(
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
-    for tile in range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS):
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, PROGRAMS, flatten=FLATTEN):
         pid_m, pid_n = _grouped_tile(tile, tiles_m, tiles_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
-        # A rank tail by TMA, unawaited, a few K steps, starts the accumulator; one prefetched, or awaited,
-        # ends the main loop.
+        # A rank tail by TMA, unawaited, a few K steps, starts the accumulator; one prefetched, awaited
+        # or flattened ends the main loop.
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if HAS_TAIL and TAIL_PREFETCH:
             t_tile, tb_tile = _prefetched_rank_tail(t_ptr, tb_ptr, offs_m, offs_n, M, N, RANK, stride_tm, stride_tbn,
                                                     TAIL_K)  # fmt: skip
-        elif HAS_TAIL and not AWAIT_TAIL:
-            acc = _tma_rank_tail(acc, t_desc, tb_desc, off_m, off_n, RANK, TAIL_K, TAIL_STAGES)
+        elif HAS_TAIL and not (AWAIT_TAIL or FLATTEN):
+            acc = _tma_rank_tail(acc, t_desc, tb_desc, off_m, off_n, RANK, TAIL_K, TAIL_STAGES, TAIL_UNROLLED)
         for k in range(k_steps):
             a = a_desc.load([off_m, k * BLOCK_K])
             if B_ROWS_N:
@@ -547,8 +557,10 @@ def _extended_matmul_tma_kernel(
             while tl.atomic_add(ready, 0, sem="acquire") == 0:
                 pass
             _async_proxy_fence(BESIDE)  # t's rows, stored by the pass, are read by TMA below
-            acc = _tma_rank_tail(acc, t_desc, tb_desc, off_m, off_n, RANK, TAIL_K, TAIL_STAGES)
+            acc = _tma_rank_tail(acc, t_desc, tb_desc, off_m, off_n, RANK, TAIL_K, TAIL_STAGES, TAIL_UNROLLED)
             tl.atomic_add(ready, -1, sem="relaxed")
+        if HAS_TAIL and FLATTEN:
+            acc = _tma_rank_tail(acc, t_desc, tb_desc, off_m, off_n, RANK, TAIL_K, TAIL_STAGES, TAIL_UNROLLED)
         if HAS_TAIL and TAIL_PREFETCH:
             acc = tl.dot(_held(t_tile, HOLD_TAIL), _held(tb_tile, HOLD_TAIL).T, acc)
         if HAS_BIAS:
@@ -587,15 +599,20 @@ _POINTER_BLOCKS = {
 # TMA kernel: (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, GROUP_M, persistent, epilogue, TAIL_K,
 # TAIL_STAGES) with epilogue "tma", "subtile" (TMA stores of two halves: half the shared memory)
 # or "pointer" (masked stores; with 128x128 tiles two programs fit one SM); a persistent grid
-# walks the tiles in one program per SM; a rank tail by TMA (above _PREFETCHED_RANK) takes TAIL_K
-# ranks a step, its loads pipelined TAIL_STAGES deep. (Triton 3.6 neither flattens the tile and K
-# loops nor warp-specializes them on Hopper once the rank tail adds a second inner loop: the one
-# fails to compile, the other allocates twice the shared memory there is.)
-TMA_BLOCKS = [  # the H100 sweep's winners (bench/sweep_linear.py) over the bench shapes
+# (persistent True, or "flattened": see FLATTEN in :func:`_extended_matmul_tma_kernel`) walks the
+# tiles in one program per SM; a rank tail by TMA (above _PREFETCHED_RANK, or flattened) takes
+# TAIL_K ranks a step, its loads pipelined TAIL_STAGES deep. (Triton 3.6 does not warp-specialize
+# the loops on Hopper: with 8 warps it ignores the request, with 4 it fails to compile.)
+TMA_BLOCKS = [  # the H100 winners of bench/sweep_linear.py and bench/probe_gemm_stages.py
     (128, 256, 64, 8, 3, 8, False, "subtile", 32, 2),
     (128, 256, 64, 8, 3, 8, False, "subtile", 64, 1),
     (128, 256, 64, 8, 3, 8, True, "subtile", 32, 2),
+    (128, 256, 64, 8, 3, 8, "flattened", "subtile", 64, 1),
 ]
+# Up to this rank a flattened configuration's tail steps are unrolled, staged in one shared buffer
+# (r = 64: 224 KB with the main loop's, of an H100 block's 227 KB); above, Triton 3.6 allocated more
+# than there is (320 KB at r = 128), and the tail is a loop.
+_UNROLLED_RANK = 64
 # Up to this rank the TMA kernel loads its rank tail by plain loads before the main loop and
 # multiplies it after (see :func:`_prefetched_rank_tail`); above, by TMA before the loop. (A
 # configuration with TAIL_PREFETCH=False takes the tail by TMA at any rank: the probe
@@ -604,15 +621,15 @@ _PREFETCHED_RANK = 32
 # Under the interpreter: small tiles, every grid and epilogue.
 _INTERPRETER_TMA_BLOCKS = [
     (32, 32, 32, 4, 2, 2, True, "subtile", 16, 2), (16, 32, 16, 4, 2, 2, False, "tma", 16, 1),
-    (16, 16, 16, 4, 2, 2, True, "pointer", 16, 1),
+    (16, 16, 16, 4, 2, 2, True, "pointer", 16, 1), (16, 32, 16, 4, 2, 2, "flattened", "subtile", 16, 1),
 ]
 
 
 def _tma_config(block_m, block_n, block_k, warps, stages, group_m, persistent, epilogue, tail_k, tail_stages):
     return Config.of(
-        warps, stages, tma=True, persistent=persistent, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        warps, stages, tma=True, persistent=bool(persistent), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         GROUP_M=group_m, TMA_STORE=epilogue != "pointer", SUBTILE=epilogue == "subtile", TAIL_K=tail_k,
-        TAIL_STAGES=tail_stages,
+        TAIL_STAGES=tail_stages, FLATTEN=persistent == "flattened",
     )  # fmt: skip
 
 
@@ -729,7 +746,8 @@ def _extended_matmul_plan(a, b, t, tb, bias, out, config: Config, beside: bool =
     if config.tma:
         layout = _tma_layout(a, a_strides, b, b_strides, t, tb, out, out_strides)
         block_m, block_n, block_k = meta["BLOCK_M"], meta["BLOCK_N"], meta["BLOCK_K"]
-        prefetch = meta.get("TAIL_PREFETCH", 0 < rank <= _PREFETCHED_RANK) and not await_tail
+        flatten = meta["FLATTEN"] and not await_tail
+        prefetch = meta.get("TAIL_PREFETCH", 0 < rank <= _PREFETCHED_RANK) and not (await_tail or flatten)
         tail_k = _rank_pad(rank) if prefetch else min(_rank_pad(rank), meta["TAIL_K"])
         tiles = _cdiv(rows, block_m) * _cdiv(cols, block_n)
         programs = min(tiles, _multiprocessor_count(a.device)) if config.persistent else tiles
@@ -737,7 +755,8 @@ def _extended_matmul_plan(a, b, t, tb, bias, out, config: Config, beside: bool =
         launch = KernelLaunch(
             _extended_matmul_tma_kernel, (programs,), HAS_TAIL=rank > 0, HAS_BIAS=bias is not None,
             B_ROWS_N=layout == "[N, K]", BESIDE=pdl, AWAIT_TAIL=await_tail,
-            **dict(meta, TAIL_K=tail_k, TAIL_PREFETCH=prefetch, HOLD_TAIL=prefetch and not _triton_interpreted()),
+            **dict(meta, TAIL_K=tail_k, TAIL_PREFETCH=prefetch, HOLD_TAIL=prefetch and not _triton_interpreted(),
+                   FLATTEN=flatten, TAIL_UNROLLED=_cdiv(rank, tail_k) if flatten and rank <= _UNROLLED_RANK else 0),
             **({"launch_pdl": True} if pdl else {}),
         )  # fmt: skip
         # Descriptors hold the tensors: made on each call from these boxes (shape, strides, block).
