@@ -708,8 +708,10 @@ def extended_matmul(a, b, t, tb, bias, out, config: Config | None = None):
     :func:`matmul_candidates`).
     """
     tensors = (a, b, t, tb, bias, out)
+    # Timed on graphs in rounds: the candidates differ by a few percent, less than the device's
+    # drift between two single timings (bench/results/gemm-stages-probe-*-flattened.txt).
     _launch("matmul", tensors, lambda c: _extended_matmul_plan(*tensors, c), lambda: _matmul_key(*tensors),
-            lambda: matmul_candidates(*tensors), config)  # fmt: skip
+            lambda: matmul_candidates(*tensors), config, graphed=True)  # fmt: skip
     return out
 
 
