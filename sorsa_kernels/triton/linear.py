@@ -8,8 +8,8 @@ through one function of this module:
   rank-r tail, so the adapter's up-projection costs r more K steps of the frozen product and
   ``c`` is written once. Two kernels: for 16-bit operands whose rows are 16-byte aligned (every
   LLM shape) tiles arrive by TMA, the tail's too, optionally from a persistent grid of one
-  program per SM walking L2-grouped tiles; any other operand (float32, float64, odd strides,
-  few rows) takes the pointer kernel.
+  program per SM walking L2-grouped tiles (flattened: its tile and K loops one pipeline); any
+  other operand (float32, float64, odd strides, few rows) takes the pointer kernel.
 * :func:`rank_down` ``out = scale·a·b`` for a skinny ``b [K, r]``: a memory-bound pass over ``a``
   (``b`` wider than ``a`` enters as two roundings, high part and residue, so that an element of
   z or g whose sum cancels keeps its accuracy up to the final rounding).
